@@ -1,0 +1,22 @@
+VENV ?= .venv
+PY := $(VENV)/bin/python
+MANUAL_DIR ?= $(MNIST_JAX_MANUAL_DIR)
+
+.PHONY: install train test bench bench-quick analyze experiments clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $@
+
+train: install
+	$(PY) -m mnist_jax train $(if $(MANUAL_DIR),--manual-dir $(MANUAL_DIR)) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs results .pytest_cache

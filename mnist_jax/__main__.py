@@ -1,0 +1,3 @@
+from mnist_jax.cli import main
+
+raise SystemExit(main())

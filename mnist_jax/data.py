@@ -1,0 +1,218 @@
+"""MNIST-style data through tensorflow-datasets, prepared offline from a manual dir.
+
+Two ways to feed the steps, both from tfds:
+- `load_split` returns a whole split as numpy arrays; `fit` places them on the
+  device once and gathers every batch inside the compiled step (fast path).
+- `tf_batches` is a tf.data pipeline (batch, prefetch) over the same arrays and
+  the same per-epoch order, for data that should stay on the host.
+Neither holds a second copy of the data set per epoch: an epoch is a permutation
+of indices.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import hashlib
+import os
+import socket
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from mnist_jax.config import DATASETS, UserError
+
+MANUAL_DIR_ENV = "MNIST_JAX_MANUAL_DIR"
+FILES = (
+    "train-images-idx3-ubyte.gz",
+    "train-labels-idx1-ubyte.gz",
+    "t10k-images-idx3-ubyte.gz",
+    "t10k-labels-idx1-ubyte.gz",
+)
+CLASS_NAMES = {
+    "mnist": tuple(str(d) for d in range(10)),
+    "fashion_mnist": (
+        "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
+        "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
+    ),
+}  # fmt: skip
+
+# SHA-256 of the *decompressed* IDX files. Debian's dataset-fashion-mnist
+# recompressed the original archives, so their .gz bytes miss tfds's registered
+# checksums while the data inside is the same: such a file is accepted when its
+# content hashes to the value here, and rejected otherwise.
+CONTENT_SHA256 = {
+    "mnist": {
+        "train-images-idx3-ubyte.gz": "ba891046e6505d7aadcbbe25680a0738ad16aec93bde7f9b65e87a2fc25776db",
+        "train-labels-idx1-ubyte.gz": "65a50cbbf4e906d70832878ad85ccda5333a97f0f4c3dd2ef09a8a9eef7101c5",
+        "t10k-images-idx3-ubyte.gz": "0fa7898d509279e482958e8ce81c8e77db3f2f8254e26661ceb7762c4d494ce7",
+        "t10k-labels-idx1-ubyte.gz": "ff7bcfd416de33731a308c3f266cc351222c34898ecbeaf847f06e48f7ec33f2",
+    },
+    "fashion_mnist": {
+        "train-images-idx3-ubyte.gz": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+        "train-labels-idx1-ubyte.gz": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+        "t10k-images-idx3-ubyte.gz": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+        "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
+    },
+}
+
+
+def import_tf():
+    """Import TensorFlow for data only: hide every GPU from it so it never takes accelerator memory."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import tensorflow as tf
+
+    tf.config.set_visible_devices([], "GPU")
+    return tf
+
+
+def resolve_manual_dir(manual_dir: str | None) -> Path | None:
+    """The `--manual-dir` flag, else $MNIST_JAX_MANUAL_DIR, else None."""
+    chosen = manual_dir or os.environ.get(MANUAL_DIR_ENV)
+    return Path(chosen).expanduser() if chosen else None
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def missing_data_message(dataset: str, manual_dir: Path | None) -> str:
+    where = f"in {manual_dir}" if manual_dir else f"in a folder passed as --manual-dir or ${MANUAL_DIR_ENV}"
+    return f"{dataset} is not prepared and cannot be downloaded here: put {', '.join(FILES)} {where}"
+
+
+def check_manual_files(
+    dataset: str,
+    manual_dir: Path,
+    registered: dict[str, tuple[int, str]],
+    content_sha256: dict[str, str] | None = None,
+) -> dict[str, tuple[int, str]]:
+    """Check the four archives in `manual_dir` against tfds's registered (size, sha256).
+
+    Returns the (size, sha256) of files that miss the registered checksum but
+    whose decompressed content is known to be the data set's (recompressed
+    copies); tfds must accept those. Files that match need nothing. Raises
+    UserError for a missing, unreadable or unknown file.
+    """
+    content_sha256 = CONTENT_SHA256[dataset] if content_sha256 is None else content_sha256
+    missing = [name for name in FILES if not (manual_dir / name).is_file()]
+    if missing:
+        raise UserError(f"{manual_dir} lacks {', '.join(missing)} (needs all of {', '.join(FILES)})")
+    recompressed = {}
+    for name in FILES:
+        raw = (manual_dir / name).read_bytes()
+        actual = (len(raw), _sha256(raw))
+        if actual == registered[name]:
+            continue
+        try:
+            content = gzip.decompress(raw)
+        except (OSError, EOFError) as err:
+            raise UserError(f"{manual_dir / name} is not a valid gzip file ({err})") from None
+        if _sha256(content) != content_sha256[name]:
+            raise UserError(f"{manual_dir / name} has the wrong checksum and is not {dataset}'s {name}")
+        recompressed[name] = actual
+    return recompressed
+
+
+@contextlib.contextmanager
+def _accept_recompressed(builder_cls, recompressed: dict[str, tuple[int, str]]):
+    """Temporarily register the checksums of content-verified recompressed files."""
+    from tensorflow_datasets.core.download import checksums
+
+    url_infos = builder_cls.url_infos  # memoised dict that tfds hands its DownloadManager
+    saved = dict(url_infos)
+    for url, info in saved.items():
+        if info.filename in recompressed:
+            size, digest = recompressed[info.filename]
+            url_infos[url] = checksums.UrlInfo(size=size, checksum=digest, filename=info.filename)
+    try:
+        yield
+    finally:
+        url_infos.clear()
+        url_infos.update(saved)
+
+
+def _can_reach(host: str, port: int = 443, timeout_s: float = 3.0) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout_s):
+            return True
+    except OSError:
+        return False
+
+
+def prepare(dataset: str, *, data_dir: str | None = None, manual_dir: str | None = None):
+    """Return a prepared tfds builder, preparing it from a manual dir (or the network) first if needed."""
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r} (choose from {', '.join(DATASETS)})")
+    import_tf()
+    import tensorflow_datasets as tfds
+
+    builder = tfds.builder(dataset, data_dir=data_dir, try_gcs=False)
+    if builder.is_prepared():
+        return builder
+    manual = resolve_manual_dir(manual_dir)
+    registered = {info.filename: (info.size, info.checksum) for info in type(builder).url_infos.values()}
+    if manual is not None:
+        recompressed = check_manual_files(dataset, manual, registered)
+        config = tfds.download.DownloadConfig(manual_dir=str(manual), try_download_gcs=False)
+        with _accept_recompressed(type(builder), recompressed):
+            builder.download_and_prepare(download_config=config)
+        return builder
+    # Fail in seconds rather than hang on network probes when offline.
+    host = next(iter(type(builder).url_infos)).split("/")[2]
+    if not _can_reach(host):
+        raise UserError(missing_data_message(dataset, None))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+    return builder
+
+
+def load_split(
+    dataset: str = "mnist",
+    split: str = "train",
+    *,
+    num_examples: int | None = None,
+    data_dir: str | None = None,
+    manual_dir: str | None = None,
+) -> dict[str, np.ndarray]:
+    """A whole split as arrays: {"image": float32[N, 28, 28, 1] in [0, 1], "label": int32[N]}.
+
+    `num_examples` keeps only the first N examples of the split.
+    """
+    import tensorflow_datasets as tfds
+
+    builder = prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
+    available = builder.info.splits[split].num_examples
+    if num_examples is not None and num_examples > available:
+        raise UserError(f"asked for {num_examples} {split} examples, {dataset} has {available}")
+    split_spec = split if num_examples is None else f"{split}[:{num_examples}]"
+    arrays = tfds.as_numpy(builder.as_dataset(split=split_spec, batch_size=-1, shuffle_files=False))
+    return {
+        "image": arrays["image"].astype(np.float32) / np.float32(255.0),
+        "label": arrays["label"].astype(np.int32),
+    }
+
+
+def epoch_permutation(data_key: jax.Array, epoch: int, num_examples: int, batch_size: int) -> jax.Array:
+    """Indices for one epoch as [steps, batch_size]; the partial last batch is dropped.
+
+    The order depends only on (key, epoch), so a resumed run and every process
+    of a multi-host run see the same order.
+    """
+    steps = num_examples // batch_size
+    perm = jax.random.permutation(jax.random.fold_in(data_key, epoch), num_examples)
+    return perm[: steps * batch_size].reshape(steps, batch_size)
+
+
+def tf_batches(arrays: dict[str, np.ndarray], batch_indices: np.ndarray) -> Iterator[dict[str, np.ndarray]]:
+    """A tf.data pipeline yielding the batches named by `batch_indices` [steps, B], prefetched."""
+    tf = import_tf()
+    images = tf.constant(arrays["image"])
+    labels = tf.constant(arrays["label"])
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(np.asarray(batch_indices))
+        .map(lambda idx: {"image": tf.gather(images, idx), "label": tf.gather(labels, idx)})
+        .prefetch(tf.data.AUTOTUNE)
+    )
+    return dataset.as_numpy_iterator()

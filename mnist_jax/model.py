@@ -1,0 +1,128 @@
+"""The tutorial's CNN as a Flax Linen module, and a Keras-style summary table."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from mnist_jax.config import ModelConfig
+
+IMAGE_SHAPE = (28, 28, 1)
+
+
+class Pool2x2(nn.Module):
+    """2x2 pooling with stride 2, floor-cropping odd sizes like Keras' 'valid' pooling.
+
+    Written as reshape + max/mean rather than `nn.max_pool`: on XLA:CPU the
+    backward pass of reduce_window cost ~15 ms of a 25 ms step, while the
+    gradient of a plain reduction is a cheap elementwise mask.
+    """
+
+    kind: str = "max"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        batch, height, width, channels = x.shape
+        x = x[:, : height // 2 * 2, : width // 2 * 2, :]
+        x = x.reshape(batch, height // 2, 2, width // 2, 2, channels)
+        if self.kind == "max":
+            return x.max(axis=(2, 4))
+        return x.mean(axis=(2, 4))
+
+
+class Flatten(nn.Module):
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x.reshape(x.shape[0], -1)
+
+
+class CNN(nn.Module):
+    """Conv5x5·32 → pool → Conv2x2·64 → pool → Dropout → Dense 1000 → Dense 10 (logits).
+
+    Defaults are the seed's 3,156,098-parameter network. `dtype` is the
+    compute dtype; parameters stay float32.
+    """
+
+    conv1_features: int = 32
+    conv1_kernel: int = 5
+    conv2_features: int = 64
+    conv2_kernel: int = 2
+    dense_features: int = 1000
+    num_classes: int = 10
+    dropout_rate: float = 0.25
+    padding: str = "SAME"
+    pool: str = "max"
+    dtype: Any = jnp.float32
+    # Keras' defaults, so the seed trains as the tutorial's program does.
+    kernel_init: Any = nn.initializers.glorot_uniform()
+
+    @classmethod
+    def from_config(cls, config: ModelConfig, dtype: Any = jnp.float32) -> "CNN":
+        return cls(**vars(config), dtype=dtype)
+
+    @nn.compact
+    def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+        conv = lambda features, kernel, name: nn.Conv(  # noqa: E731
+            features, (kernel, kernel), padding=self.padding, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+        )
+        dense = lambda features, name: nn.Dense(  # noqa: E731
+            features, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+        )
+        x = images.astype(self.dtype)
+        x = nn.relu(conv(self.conv1_features, self.conv1_kernel, "conv1")(x))
+        x = Pool2x2(self.pool, name="pool1")(x)
+        x = nn.relu(conv(self.conv2_features, self.conv2_kernel, "conv2")(x))
+        x = Pool2x2(self.pool, name="pool2")(x)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
+        x = Flatten(name="flatten")(x)
+        x = nn.relu(dense(self.dense_features, "dense1")(x))
+        x = dense(self.num_classes, "dense2")(x)
+        return x.astype(jnp.float32)
+
+
+def count_params(params: Any) -> int:
+    return sum(int(leaf.size) for leaf in jax.tree_util.tree_leaves(params))
+
+
+def summary(model: CNN) -> str:
+    """A Keras-style table: layer (type), output shape, params, and the total.
+
+    Shapes come from `jax.eval_shape`, so nothing is computed or allocated.
+    """
+    dummy = jax.ShapeDtypeStruct((1, *IMAGE_SHAPE), jnp.float32)
+
+    def trace(x):
+        variables = model.init(jax.random.key(0), x, train=False)
+        _, state = model.apply(variables, x, train=False, capture_intermediates=True, mutable=["intermediates"])
+        return variables["params"], state["intermediates"]
+
+    params, intermediates = jax.eval_shape(trace, dummy)
+    rows = []
+    for name in _LAYER_TYPES:  # call order; `intermediates` comes back sorted by name
+        if name not in intermediates:
+            continue
+        shape = intermediates[name]["__call__"][0].shape
+        layer_params = count_params(params.get(name, {}))
+        rows.append((name, _LAYER_TYPES.get(name, "Module"), "(None, " + ", ".join(map(str, shape[1:])) + ")", layer_params))
+    total = count_params(params)
+    header = ("Layer (type)", "Output Shape", "Param #")
+    lines = [f"{header[0]:<28}{header[1]:<22}{header[2]:>12}", "=" * 62]
+    for name, kind, shape, n in rows:
+        lines.append(f"{name + ' (' + kind + ')':<28}{shape:<22}{n:>12,}")
+    lines += ["=" * 62, f"Total params: {total:,}", f"Trainable params: {total:,}", "Non-trainable params: 0"]
+    return "\n".join(lines)
+
+
+_LAYER_TYPES = {
+    "conv1": "Conv",
+    "pool1": "Pool2x2",
+    "conv2": "Conv",
+    "pool2": "Pool2x2",
+    "dropout": "Dropout",
+    "flatten": "Flatten",
+    "dense1": "Dense",
+    "dense2": "Dense",
+}

@@ -1,0 +1,56 @@
+import jax
+import jax.numpy as jnp
+import pytest
+
+from mnist_jax import CNN, count_params, summary
+from mnist_jax.model import Pool2x2
+
+
+def init(model, batch=2):
+    return model.init(jax.random.key(0), jnp.zeros((batch, 28, 28, 1)), train=False)["params"]
+
+
+def test_seed_model_has_exactly_the_tutorials_parameters():
+    params = init(CNN())
+    assert count_params(params) == 3_156_098
+    sizes = {name: count_params(p) for name, p in params.items()}
+    assert sizes == {"conv1": 832, "conv2": 8_256, "dense1": 3_137_000, "dense2": 10_010}
+
+
+def test_logits_shape_and_dropout_only_in_training():
+    model = CNN()
+    params = init(model)
+    x = jax.random.uniform(jax.random.key(1), (5, 28, 28, 1))
+    logits = model.apply({"params": params}, x, train=False)
+    assert logits.shape == (5, 10) and logits.dtype == jnp.float32
+    a = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
+    b = model.apply({"params": params}, x, train=True, rngs={"dropout": jax.random.key(3)})
+    assert not jnp.allclose(a, b)  # dropout active
+    assert jnp.array_equal(logits, model.apply({"params": params}, x, train=False))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [({"padding": "VALID"}, 1_620_098), ({"dense_features": 10}, 832 + 8_256 + 31_370 + 110), ({"conv1_kernel": 3}, 3_155_586)],
+)
+def test_architecture_fields_change_the_network(kwargs, expected):
+    assert count_params(init(CNN(**kwargs))) == expected
+
+
+def test_pool_matches_lax_reduce_window_and_floors_odd_sizes():
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(0), (2, 7, 9, 3))
+    pooled = Pool2x2("max").apply({}, x)
+    assert pooled.shape == (2, 3, 4, 3)
+    assert jnp.array_equal(pooled, nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
+    assert jnp.allclose(Pool2x2("avg").apply({}, x), nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
+
+
+def test_summary_lists_layers_in_order_with_keras_shapes():
+    text = summary(CNN())
+    lines = text.splitlines()
+    names = [line.split()[0] for line in lines[2:10]]
+    assert names == ["conv1", "pool1", "conv2", "pool2", "dropout", "flatten", "dense1", "dense2"]
+    assert "(None, 28, 28, 32)" in text and "(None, 3136)" in text
+    assert "Total params: 3,156,098" in text

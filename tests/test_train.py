@@ -1,0 +1,79 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from mnist_jax import Config, create_train_state, eval_step, train_step
+from mnist_jax.data import epoch_permutation
+
+
+def _batch(n=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"image": rng.random((n, 28, 28, 1), dtype=np.float32), "label": rng.integers(0, 10, n).astype(np.int32)}
+
+
+def _leaves_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True))
+
+
+def test_same_seed_gives_identical_state_and_other_seed_differs():
+    a = create_train_state(jax.random.key(0), Config())
+    b = create_train_state(jax.random.key(0), Config())
+    c = create_train_state(jax.random.key(1), Config())
+    assert _leaves_equal(a.params, b.params)
+    assert not _leaves_equal(a.params, c.params)
+
+
+def test_train_step_is_pure_and_deterministic():
+    state = create_train_state(jax.random.key(0), Config())
+    batch = _batch()
+    before = jax.tree.map(np.array, (state.params, state.opt_state, batch))
+    s1, m1 = train_step(state, batch, jax.random.key(7))
+    s2, m2 = train_step(state, batch, jax.random.key(7))
+    assert _leaves_equal(s1.params, s2.params) and _leaves_equal(m1, m2)  # same inputs, same outputs
+    assert _leaves_equal(before, (state.params, state.opt_state, batch))  # inputs untouched
+    assert int(s1.step) == 1 and int(state.step) == 0
+    assert not _leaves_equal(s1.params, state.params)
+    s3, _ = train_step(state, batch, jax.random.key(8))
+    assert not _leaves_equal(s1.params, s3.params)  # the dropout key matters
+
+
+def test_eval_step_masks_padding():
+    state = create_train_state(jax.random.key(0), Config())
+    batch = _batch(8)
+    full = eval_step(state, {k: v[:5] for k, v in batch.items()})
+    masked = eval_step(state, {**batch, "mask": np.arange(8) < 5})
+    assert float(masked["count"]) == 5
+    np.testing.assert_allclose(masked["loss"], full["loss"], rtol=1e-5)
+    np.testing.assert_allclose(masked["accuracy"], full["accuracy"])
+
+
+def test_loss_decreases_on_a_real_batch(mnist_small):
+    train, _ = mnist_small
+    batch = {k: v[:64] for k, v in train.items()}
+    state = create_train_state(jax.random.key(0), Config())
+    first = float(eval_step(state, batch)["loss"])
+    for i in range(20):
+        state, _ = train_step(state, batch, jax.random.key(i))
+    last = eval_step(state, batch)
+    assert float(last["loss"]) < 0.5 * first
+    assert float(last["accuracy"]) > 0.9
+
+
+def test_epoch_permutation_covers_each_example_at_most_once():
+    order = np.asarray(epoch_permutation(jax.random.key(0), 3, 100, 32))
+    assert order.shape == (3, 32)
+    assert len(np.unique(order)) == 96 and order.max() < 100
+    again = np.asarray(epoch_permutation(jax.random.key(0), 3, 100, 32))
+    other = np.asarray(epoch_permutation(jax.random.key(0), 4, 100, 32))
+    assert np.array_equal(order, again) and not np.array_equal(order, other)
+
+
+@pytest.mark.parametrize("pipeline", ["device", "tfdata"])
+def test_predict_returns_probabilities(pipeline):
+    from mnist_jax import predict
+
+    state = create_train_state(jax.random.key(0), Config(pipeline=pipeline))
+    probs = predict(state, _batch(4)["image"])
+    assert probs.shape == (4, 10)
+    np.testing.assert_allclose(jnp.sum(probs, -1), 1.0, rtol=1e-5)
