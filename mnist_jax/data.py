@@ -62,6 +62,7 @@ CONTENT_SHA256 = {
 def import_tf():
     """Import TensorFlow for data only: hide every GPU from it so it never takes accelerator memory."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # TF only reads and batches data here; this also silences its banner
     import tensorflow as tf
 
     tf.config.set_visible_devices([], "GPU")
@@ -99,7 +100,7 @@ def check_manual_files(
     content_sha256 = CONTENT_SHA256[dataset] if content_sha256 is None else content_sha256
     missing = [name for name in FILES if not (manual_dir / name).is_file()]
     if missing:
-        raise UserError(f"{manual_dir} lacks {', '.join(missing)} (needs all of {', '.join(FILES)})")
+        raise UserError(f"{manual_dir} lacks {', '.join(missing)} (a manual dir needs all four of {', '.join(FILES)})")
     recompressed = {}
     for name in FILES:
         raw = (manual_dir / name).read_bytes()

@@ -1,8 +1,6 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
-
 from mnist_jax import Config, create_train_state, eval_step, train_step
 from mnist_jax.data import epoch_permutation
 
@@ -69,11 +67,10 @@ def test_epoch_permutation_covers_each_example_at_most_once():
     assert np.array_equal(order, again) and not np.array_equal(order, other)
 
 
-@pytest.mark.parametrize("pipeline", ["device", "tfdata"])
-def test_predict_returns_probabilities(pipeline):
+def test_predict_returns_probabilities():
     from mnist_jax import predict
 
-    state = create_train_state(jax.random.key(0), Config(pipeline=pipeline))
+    state = create_train_state(jax.random.key(0), Config())
     probs = predict(state, _batch(4)["image"])
     assert probs.shape == (4, 10)
     np.testing.assert_allclose(jnp.sum(probs, -1), 1.0, rtol=1e-5)

@@ -1,0 +1,130 @@
+"""The data loader's own code paths, offline, on tiny IDX archives the tests write themselves."""
+
+import gzip
+import hashlib
+import os
+import time
+
+import numpy as np
+import pytest
+
+from mnist_jax import UserError, data
+
+# Content and registration tables for a fake four-file data set, built per test.
+FILES = data.FILES
+
+
+def _idx_images(n: int, seed: int) -> bytes:
+    header = (2051).to_bytes(4, "big") + n.to_bytes(4, "big") + (28).to_bytes(4, "big") * 2
+    return header + np.random.default_rng(seed).integers(0, 256, n * 784, dtype=np.uint8).tobytes()
+
+
+def _idx_labels(n: int, seed: int) -> bytes:
+    return (2049).to_bytes(4, "big") + n.to_bytes(4, "big") + np.random.default_rng(seed).integers(0, 10, n, dtype=np.uint8).tobytes()
+
+
+def _write_set(folder, mtime: int):
+    """Write the four archives; `mtime` changes the gzip header, so the bytes differ while the content does not."""
+    folder.mkdir(parents=True, exist_ok=True)
+    contents = {FILES[0]: _idx_images(6, 0), FILES[1]: _idx_labels(6, 1), FILES[2]: _idx_images(3, 2), FILES[3]: _idx_labels(3, 3)}
+    for name, content in contents.items():
+        (folder / name).write_bytes(gzip.compress(content, mtime=mtime))
+    registered = {}
+    for name in FILES:
+        raw = (folder / name).read_bytes()
+        registered[name] = (len(raw), hashlib.sha256(raw).hexdigest())
+    content_sha = {name: hashlib.sha256(c).hexdigest() for name, c in contents.items()}
+    return registered, content_sha
+
+
+def test_files_that_match_the_registered_checksums_need_nothing(tmp_path):
+    registered, content_sha = _write_set(tmp_path, mtime=1)
+    assert data.check_manual_files("mnist", tmp_path, registered, content_sha) == {}
+
+
+def test_recompressed_files_are_accepted_by_content(tmp_path):
+    registered, content_sha = _write_set(tmp_path / "original", mtime=1)
+    _write_set(tmp_path / "debian", mtime=2)  # same data, other gzip bytes
+    accepted = data.check_manual_files("fashion_mnist", tmp_path / "debian", registered, content_sha)
+    assert set(accepted) == set(FILES)
+    for name, (size, digest) in accepted.items():
+        raw = (tmp_path / "debian" / name).read_bytes()
+        assert (size, digest) == (len(raw), hashlib.sha256(raw).hexdigest()) != registered[name]
+
+
+def test_changed_content_is_rejected(tmp_path):
+    registered, content_sha = _write_set(tmp_path, mtime=1)
+    (tmp_path / FILES[1]).write_bytes(gzip.compress(_idx_labels(6, 99)))
+    with pytest.raises(UserError, match="wrong checksum.*train-labels"):
+        data.check_manual_files("mnist", tmp_path, registered, content_sha)
+
+
+def test_truncated_archive_is_rejected(tmp_path):
+    registered, content_sha = _write_set(tmp_path, mtime=1)
+    raw = (tmp_path / FILES[0]).read_bytes()
+    (tmp_path / FILES[0]).write_bytes(raw[: len(raw) // 2])
+    with pytest.raises(UserError, match="not a valid gzip"):
+        data.check_manual_files("mnist", tmp_path, registered, content_sha)
+
+
+def test_missing_files_are_named(tmp_path):
+    registered, content_sha = _write_set(tmp_path, mtime=1)
+    (tmp_path / FILES[2]).unlink()
+    with pytest.raises(UserError, match="lacks t10k-images-idx3-ubyte.gz"):
+        data.check_manual_files("mnist", tmp_path, registered, content_sha)
+
+
+def test_unprepared_data_without_manual_dir_fails_fast_naming_the_files(tmp_path, monkeypatch):
+    monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
+    monkeypatch.setattr(data, "_can_reach", lambda host, **kw: False)  # as offline, whatever this machine is
+    start = time.perf_counter()
+    with pytest.raises(UserError) as err:
+        data.load_split("mnist", "test", data_dir=str(tmp_path))
+    assert time.perf_counter() - start < 30
+    message = str(err.value)
+    assert "\n" not in message and all(name in message for name in FILES)
+
+
+def test_manual_dir_comes_from_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv(data.MANUAL_DIR_ENV, str(tmp_path))
+    assert data.resolve_manual_dir(None) == tmp_path
+    assert data.resolve_manual_dir("/elsewhere") == data.Path("/elsewhere")
+
+
+def test_unknown_dataset_is_a_user_error():
+    with pytest.raises(UserError, match="unknown dataset 'cifar'"):
+        data.prepare("cifar")
+
+
+def test_real_mnist_split_as_arrays(mnist_dirs):
+    test = data.load_split("mnist", "test", **mnist_dirs)
+    assert test["image"].shape == (10_000, 28, 28, 1) and test["image"].dtype == np.float32
+    assert test["label"].dtype == np.int32 and set(np.unique(test["label"])) == set(range(10))
+    assert 0.0 == test["image"].min() and test["image"].max() == 1.0
+    head = data.load_split("mnist", "train", num_examples=100, **mnist_dirs)
+    assert head["image"].shape == (100, 28, 28, 1)
+    full = data.load_split("mnist", "train", **mnist_dirs)
+    assert full["image"].shape == (60_000, 28, 28, 1)
+    np.testing.assert_array_equal(head["image"], full["image"][:100])  # "first N" is a fixed, reproducible subset
+    with pytest.raises(UserError, match="asked for 70000"):
+        data.load_split("mnist", "train", num_examples=70_000, **mnist_dirs)
+
+
+def test_tfdata_pipeline_yields_the_batches_named_by_the_order(mnist_small):
+    train, _ = mnist_small
+    order = np.arange(96).reshape(3, 32)[::-1]
+    batches = list(data.tf_batches(train, order))
+    assert len(batches) == 3
+    for idx, batch in zip(order, batches):
+        np.testing.assert_array_equal(batch["image"], train["image"][idx])
+        np.testing.assert_array_equal(batch["label"], train["label"][idx])
+
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+
+@pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="Debian's dataset-fashion-mnist is not installed")
+def test_debian_fashion_mnist_prepares_despite_recompression(tmp_path):
+    test = data.load_split("fashion_mnist", "test", data_dir=str(tmp_path), manual_dir=FASHION_DIR)
+    assert test["image"].shape == (10_000, 28, 28, 1)
+    assert np.bincount(test["label"]).tolist() == [1000] * 10
