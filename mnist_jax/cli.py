@@ -103,6 +103,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if not args.debug:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)  # tfds' info/warning chatter
     run: Callable[[argparse.Namespace], int] = args.run
     try:
         return run(args)
