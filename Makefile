@@ -2,14 +2,14 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MANUAL_DIR ?= $(MNIST_JAX_MANUAL_DIR)
 
-.PHONY: install train test bench bench-quick analyze experiments clean
+.PHONY: install train test bench bench-quick clean
 
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[dev]'
+	$(PY) -m pip install -q --progress-bar off --upgrade pip
+	$(PY) -m pip install -q --progress-bar off -e '.[dev]'
 	touch $@
 
 train: install
@@ -17,6 +17,12 @@ train: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+bench: install
+	$(PY) -m mnist_jax.bench $(if $(MANUAL_DIR),--manual-dir $(MANUAL_DIR)) $(ARGS)
+
+bench-quick: install
+	$(PY) -m mnist_jax.bench --quick $(if $(MANUAL_DIR),--manual-dir $(MANUAL_DIR)) $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs results .pytest_cache

@@ -1,0 +1,211 @@
+"""Benchmark: the tutorial's Keras program against mnist_jax's own training path, same machine, same data.
+
+    python -m mnist_jax.bench           # the seed recipe, 5 epochs each, repeated and interleaved
+    python -m mnist_jax.bench --quick   # a few hundred steps each, under 3 minutes on 2 cores
+
+Each side runs in its own process (so peak memory and threads are its own),
+alternating Keras, JAX, Keras, JAX, ... The first epoch of every run holds
+compilation/warm-up and is reported apart; steady-state epochs are compared.
+The last line printed is `speedup_vs_keras=X` (median Keras epoch / median JAX epoch).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _keras_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """The tutorial's model, compiled and fitted the way the tutorial does (Keras on TF, oneDNN on)."""
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # Keras' default on CPU: give the reference its best
+    from mnist_jax import data
+
+    train, test = _load(args)
+    tf = data.import_tf()
+    import keras
+    from keras import layers
+
+    keras.utils.set_random_seed(args.seed)
+    model = keras.Sequential(
+        [
+            keras.Input((28, 28, 1)),
+            layers.Conv2D(32, (5, 5), padding="same", activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Conv2D(64, (2, 2), padding="same", activation="relu"),
+            layers.MaxPooling2D(pool_size=(2, 2)),
+            layers.Dropout(0.25),
+            layers.Flatten(),
+            layers.Dense(1000, activation="relu"),
+            layers.Dense(10, activation="softmax"),
+        ]
+    )
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+
+    class EpochTimer(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.times: list[float] = []
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.start = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            self.times.append(time.perf_counter() - self.start)
+
+    timer = EpochTimer()
+    start = time.perf_counter()
+    model.fit(
+        train["image"], train["label"], batch_size=args.batch_size, epochs=args.epochs,
+        validation_data=(test["image"], test["label"]), callbacks=[timer], verbose=0,
+    )  # fmt: skip
+    fit_time = time.perf_counter() - start
+    loss, accuracy = model.evaluate(test["image"], test["label"], verbose=0)
+    del tf
+    return {"epoch_time_s": timer.times, "fit_time_s": fit_time, "test_accuracy": float(accuracy)}
+
+
+def _jax_worker(args: argparse.Namespace) -> dict[str, Any]:
+    """mnist_jax's normal training path: `fit` with the seed config."""
+    import tempfile
+
+    from mnist_jax import Config, fit
+
+    with tempfile.TemporaryDirectory() as workdir:
+        config = Config(
+            epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, train_examples=args.train_examples,
+            workdir=workdir, data_dir=args.data_dir, manual_dir=args.manual_dir,
+        )  # fmt: skip
+        _, history = fit(config, verbose=False)
+        accuracy = json.loads((Path(workdir) / "metrics.json").read_text())["test_accuracy"]
+    return {"epoch_time_s": history["epoch_time_s"], "fit_time_s": history["fit_time_s"], "test_accuracy": accuracy}
+
+
+def _load(args: argparse.Namespace):
+    from mnist_jax import data
+
+    train = data.load_split("mnist", "train", num_examples=args.train_examples, data_dir=args.data_dir, manual_dir=args.manual_dir)
+    test = data.load_split("mnist", "test", data_dir=args.data_dir, manual_dir=args.manual_dir)
+    return train, test
+
+
+def _run_worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, "-m", "mnist_jax.bench", "--worker", kind, "--epochs", str(args.epochs), "--seed", str(args.seed)]
+    cmd += ["--batch-size", str(args.batch_size)]
+    for flag in ("train_examples", "data_dir", "manual_dir"):
+        value = getattr(args, flag)
+        if value is not None:
+            cmd += [f"--{flag.replace('_', '-')}", str(value)]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    if result.returncode != 0:
+        sys.exit(f"bench: the {kind} worker failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
+
+
+def _summarise(runs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
+    steady = [t for run in runs for t in run["epoch_time_s"][1:]]
+    first = [run["epoch_time_s"][0] for run in runs]
+    median = statistics.median(steady)
+    return {
+        "steady_epoch_s_median": median,
+        "steady_epoch_s_min": min(steady),
+        "steady_epoch_s_max": max(steady),
+        "steady_ms_per_step": 1000 * median / steps,
+        "first_epoch_s": statistics.median(first),
+        "test_accuracy": statistics.median(run["test_accuracy"] for run in runs),
+        "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
+        "runs": runs,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m mnist_jax.bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="300 steps per epoch, 2 epochs, one run each")
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each side, interleaved (default: 2, quick: 1)")
+    parser.add_argument("--out", default="results/bench.json", help="JSON results (default: %(default)s)")
+    parser.add_argument("--data-dir")
+    parser.add_argument("--manual-dir")
+    parser.add_argument("--worker", choices=["keras", "jax"], help=argparse.SUPPRESS)
+    parser.add_argument("--epochs", type=int, default=5, help=argparse.SUPPRESS)
+    parser.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
+    parser.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
+    parser.add_argument("--train-examples", type=int, default=None, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        result = (_keras_worker if args.worker == "keras" else _jax_worker)(args)
+        result["peak_rss_mib"] = _peak_rss_mib()
+        print(json.dumps(result))
+        return 0
+
+    if args.quick:
+        args.epochs, args.train_examples = 2, 300 * args.batch_size
+    repeats = args.repeats or (1 if args.quick else 2)
+    steps = (args.train_examples or 60_000) // args.batch_size
+    print(f"bench: {'quick' if args.quick else 'full'}: {repeats} interleaved run(s) of each, {args.epochs} epochs of {steps} steps")
+    runs: dict[str, list[dict[str, Any]]] = {"keras": [], "jax": []}
+    for repeat in range(repeats):
+        for kind in ("keras", "jax"):
+            run = _run_worker(kind, args)
+            runs[kind].append(run)
+            epochs = ", ".join(f"{t:.1f}" for t in run["epoch_time_s"])
+            print(f"  {kind:5s} run {repeat + 1}: epochs [{epochs}] s, test accuracy {run['test_accuracy']:.4f}, peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)
+    summary = {kind: _summarise(r, steps) for kind, r in runs.items()}
+    import jax
+
+    speedup = summary["keras"]["steady_epoch_s_median"] / summary["jax"]["steady_epoch_s_median"]
+    per_pair = [k / j for rk, rj in zip(runs["keras"], runs["jax"]) for k, j in zip(rk["epoch_time_s"][1:], rj["epoch_time_s"][1:])]
+    report = {
+        "mode": "quick" if args.quick else "full",
+        "machine": _machine(),
+        "jax_device": str(jax.devices()[0].device_kind),
+        "jax_version": jax.__version__,
+        "epochs": args.epochs,
+        "steps_per_epoch": steps,
+        "repeats": repeats,
+        "speedup_vs_keras": speedup,
+        "speedup_min": min(per_pair),
+        "speedup_max": max(per_pair),
+        **summary,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    print(f"machine: {report['machine']}; jax {report['jax_version']} on {report['jax_device']}")
+    for kind in ("keras", "jax"):
+        s = summary[kind]
+        print(
+            f"{kind:5s}: steady epoch {s['steady_epoch_s_median']:.2f} s (min {s['steady_epoch_s_min']:.2f}, max {s['steady_epoch_s_max']:.2f}),"
+            f" {s['steady_ms_per_step']:.1f} ms/step, first epoch {s['first_epoch_s']:.1f} s,"
+            f" test accuracy {s['test_accuracy']:.4f}, peak RSS {s['peak_rss_mib']:.0f} MiB"
+        )
+    print(f"results: {args.out}")
+    print(f"speedup_vs_keras={speedup:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
