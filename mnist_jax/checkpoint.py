@@ -6,6 +6,7 @@ latest `keep` checkpoints and the best one by val_accuracy.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +32,16 @@ def make_manager(directory: str | Path, keep: int = 3) -> ocp.CheckpointManager:
         ),
         create=True,
     )
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
 
 def has_checkpoint(workdir: str | Path) -> bool:
     directory = Path(workdir) / "checkpoints"
-    return directory.is_dir() and make_manager(directory).latest_step() is not None
+    if not directory.is_dir():
+        return False
+    with make_manager(directory) as manager:
+        return manager.latest_step() is not None
 
 
 def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any], metrics: dict[str, float] | None = None) -> None:
@@ -48,18 +53,47 @@ def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]
     )
 
 
+def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract: TrainState) -> None:
+    """A checkpoint from another model config: name the first layer whose shape differs."""
+    try:
+        saved = manager.item_metadata(step)["state"]["params"]
+    except Exception:  # noqa: BLE001 - unreadable metadata: restore itself will report
+        return
+    saved_shapes = {jax.tree_util.keystr(p): tuple(leaf.shape) for p, leaf in jax.tree_util.tree_leaves_with_path(saved)}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(abstract.params):
+        saved_shape = saved_shapes.get(jax.tree_util.keystr(path))
+        if saved_shape is not None and saved_shape != tuple(leaf.shape):
+            layer = "/".join(str(p.key) for p in path)
+            raise UserError(f"checkpoint step {step} does not fit this model: {layer} is {saved_shape} there, {tuple(leaf.shape)} here")
+
+
 def restore_latest(
     manager: ocp.CheckpointManager, like: TrainState, step: int | None = None
 ) -> tuple[TrainState, dict[str, Any]]:
-    """Restore the checkpoint at `step` (default: latest) into the structure and shardings of `like`."""
-    step = manager.latest_step() if step is None else step
-    if step is None:
+    """Restore the checkpoint at `step` (default: the newest readable one) into the structure and shardings of `like`.
+
+    A newest checkpoint that cannot be read (truncated or corrupted files) is reported
+    in one line on stderr and the one before it is used.
+    """
+    candidates = sorted(manager.all_steps(), reverse=True) if step is None else [step]
+    if not candidates:
         raise UserError(f"no checkpoint in {manager.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
-    )
-    return restored["state"], restored["meta"]
+    for i, candidate in enumerate(candidates):
+        _check_shapes(manager, candidate, abstract)
+        try:
+            restored = manager.restore(
+                candidate,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+            )
+        except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back to the previous one
+            reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            if step is not None or i + 1 == len(candidates):
+                raise UserError(f"checkpoint step {candidate} in {manager.directory} is unreadable: {reason}") from None
+            print(f"mnist_jax: warning: checkpoint step {candidate} is unreadable ({reason}); using step {candidates[i + 1]}", file=sys.stderr)
+            continue
+        return restored["state"], restored["meta"]
+    raise AssertionError("unreachable")
 
 
 def find_workdir(path: str | Path) -> tuple[Path, int | None]:
@@ -84,5 +118,6 @@ def restore_checkpoint(workdir_or_path: str | Path) -> TrainState:
         raise UserError(f"no checkpoint in {workdir}")
     like = jax.eval_shape(lambda key: create_train_state(key, config), jax.random.key(0))
     # eval_shape keeps the static fields (apply_fn, tx) and gives abstract leaves.
-    state, _ = restore_latest(make_manager(workdir / "checkpoints", config.keep_checkpoints), like, step)
+    with make_manager(workdir / "checkpoints", config.keep_checkpoints) as manager:
+        state, _ = restore_latest(manager, like, step)
     return state

@@ -24,43 +24,68 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
     )
 
 
+# Train flags default to "absent" so a resumed run can tell which ones the user actually passed.
+_ABSENT = argparse.SUPPRESS
+# Where the data lives on this machine may change between a run and its resumption; nothing else may.
+_MACHINE_LOCAL = {"data_dir", "manual_dir", "workdir"}
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (defaults: the tutorial's recipe)")
     d = Config()
-    p.add_argument("--dataset", default=d.dataset, help=f"one of {', '.join(DATASETS)} (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=d.epochs, help="(default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="(default: %(default)s)")
-    p.add_argument("--learning-rate", type=float, default=d.learning_rate, help="Adam's (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=d.seed, help="(default: %(default)s)")
-    p.add_argument("--train-examples", type=int, default=None, metavar="N", help="use only the first N training images")
+    p.add_argument("--dataset", default=_ABSENT, help=f"one of {', '.join(DATASETS)} (default: {d.dataset})")
+    p.add_argument("--epochs", type=int, default=_ABSENT, help=f"(default: {d.epochs})")
+    p.add_argument("--batch-size", type=int, default=_ABSENT, help=f"(default: {d.batch_size})")
+    p.add_argument("--learning-rate", type=float, default=_ABSENT, help=f"Adam's (default: {d.learning_rate})")
+    p.add_argument("--seed", type=int, default=_ABSENT, help=f"(default: {d.seed})")
+    p.add_argument("--train-examples", type=int, default=_ABSENT, metavar="N", help="use only the first N training images")
     p.add_argument("--workdir", help="run folder (default: runs/<dataset>-<timestamp>, linked as runs/latest)")
-    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --workdir")
-    p.add_argument("--pipeline", default=d.pipeline, help="device (arrays on the device) or tfdata (default: %(default)s)")
-    p.add_argument("--dtype", dest="compute_dtype", default=d.compute_dtype, help="float32 or bfloat16 compute")
-    p.add_argument("--dropout", type=float, default=d.model.dropout_rate, help="dropout rate (default: %(default)s)")
-    p.add_argument("--keep-checkpoints", type=int, default=d.keep_checkpoints, help="(default: %(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint, with its saved config")
+    p.add_argument("--pipeline", default=_ABSENT, help=f"device (arrays on the device) or tfdata (default: {d.pipeline})")
+    p.add_argument("--dtype", dest="compute_dtype", default=_ABSENT, help=f"float32 or bfloat16 compute (default: {d.compute_dtype})")
+    p.add_argument("--dropout", dest="dropout_rate", type=float, default=_ABSENT, help=f"dropout rate (default: {d.model.dropout_rate})")
+    p.add_argument("--keep-checkpoints", type=int, default=_ABSENT, help=f"(default: {d.keep_checkpoints})")
+    p.add_argument(
+        "--checkpoint-every-steps", type=int, default=_ABSENT, metavar="N",
+        help="also checkpoint every N steps inside an epoch (default: only at epoch ends)",
+    )  # fmt: skip
     _add_data_flags(p)
     p.set_defaults(run=_train)
 
 
-def _config_from_args(args: argparse.Namespace) -> Config:
-    fields = {f.name for f in dataclasses.fields(Config)}
-    values = {k: v for k, v in vars(args).items() if k in fields}
-    model = dataclasses.replace(ModelConfig(), dropout_rate=args.dropout)
-    return Config(model=model, **values).validate()
+def _given_flags(args: argparse.Namespace) -> dict[str, object]:
+    """The Config fields the user set on the command line (model fields included)."""
+    names = {f.name for f in dataclasses.fields(Config)} | {f.name for f in dataclasses.fields(ModelConfig)}
+    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+
+
+def _apply(config: Config, flags: dict[str, object]) -> Config:
+    model_fields = {f.name for f in dataclasses.fields(ModelConfig)}
+    model = dataclasses.replace(config.model, **{k: v for k, v in flags.items() if k in model_fields})
+    return dataclasses.replace(config, model=model, **{k: v for k, v in flags.items() if k not in model_fields})
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from mnist_jax.train import fit
 
-    config = _config_from_args(args)
-    if args.resume:
-        if not args.workdir:
-            raise UserError("--resume needs --workdir")
-        from pathlib import Path
-
-        config = dataclasses.replace(Config.load(Path(args.workdir) / "config.json"), workdir=args.workdir)
-    fit(config, resume=args.resume)
+    flags = _given_flags(args)
+    if not args.resume:
+        fit(_apply(Config(), flags).validate())
+        return 0
+    if not args.workdir:
+        raise UserError("--resume needs --workdir")
+    saved = Config.load(Path(args.workdir) / "config.json")
+    saved_values = {**saved.to_dict(), **saved.to_dict()["model"]}
+    conflicts = [
+        f"--{k.replace('_', '-')} {v} (the run has {saved_values[k]})"
+        for k, v in flags.items()
+        if k not in _MACHINE_LOCAL and saved_values.get(k) != v
+    ]
+    if conflicts:
+        raise UserError(f"--resume continues the run as configured in its config.json; drop {', '.join(conflicts)}")
+    fit(_apply(saved, {k: v for k, v in flags.items() if k in _MACHINE_LOCAL}).validate(), resume=True)
     return 0
 
 
@@ -87,6 +112,66 @@ def _summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _analyze(args: argparse.Namespace) -> int:
+    from mnist_jax import analysis, checkpoint, data
+
+    workdir, _ = checkpoint.find_workdir(args.workdir)
+    config = Config.load(workdir / "config.json")
+    state = checkpoint.restore_checkpoint(args.workdir)
+    history = analysis.load_history(workdir)
+    test = data.load_split(
+        config.dataset, "test", data_dir=args.data_dir or config.data_dir, manual_dir=args.manual_dir or config.manual_dir
+    )
+    names = data.CLASS_NAMES[config.dataset]
+    summary = analysis.write_analysis(
+        state, test, history, workdir / "analysis",
+        class_names=None if config.dataset == "mnist" else names,
+        seed=args.seed, feature_index=args.index, batch_size=config.eval_batch_size,
+        title=f"{workdir} ({config.dataset}, step {int(state.step)})",
+    )  # fmt: skip
+    print(f"Test Loss : {summary['test_loss']:.4f}")
+    print(f"Test Accuracy : {summary['test_accuracy']:.4f}")
+    sep = " " if config.dataset == "mnist" else ", "  # digits as the tutorial printed them: [7 2 1 0 ...]
+    print(f"First 10 predictions: [{sep.join(names[p] for p in summary['first_predictions'])}]")
+    print(f"Wrong predictions: {summary['wrong']} of {summary['total']}")
+    per_class = ", ".join(
+        f"{names[i]} {'n/a' if a is None else f'{a:.1%}'}" for i, a in enumerate(summary["per_class_accuracy"])
+    )
+    print(f"Per-class accuracy: {per_class}")
+    confused = ", ".join(f"{names[t]} as {names[p]} ({n})" for t, p, n in summary["top_confusions"]) or "none"
+    print(f"Most confused (true as predicted): {confused}")
+    print(f"Analysis : {summary['outdir']} (report.md)")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from mnist_jax import analysis, checkpoint, data
+    from mnist_jax.images import ImageError, format_prediction, read_image
+
+    if args.top < 1:
+        raise UserError(f"--top must be >= 1, got {args.top}")
+    workdir, _ = checkpoint.find_workdir(args.workdir)
+    config = Config.load(workdir / "config.json")
+    state = checkpoint.restore_checkpoint(args.workdir)
+    # Fashion-MNIST items fill the 28x28 field and are centred by their box, not their mass.
+    options = {} if config.dataset == "mnist" else {"box": 28, "center": "box"}
+    paths, inputs, failed = [], [], 0
+    for path in args.images:
+        try:
+            inputs.append(read_image(path, **options))
+            paths.append(path)
+        except ImageError as err:  # report it and go on with the other files
+            print(f"mnist_jax: error: {err}", file=sys.stderr)
+            failed += 1
+    if inputs:
+        probabilities = analysis.predict_probabilities(state, np.stack(inputs))
+        for path, probs in zip(paths, probabilities):
+            print(format_prediction(path, probs, data.CLASS_NAMES[config.dataset], top=args.top))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mnist_jax", description="The MNIST tutorial CNN in JAX/Flax: train, evaluate, study.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -98,11 +183,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_evaluate)
     p = sub.add_parser("summary", help="print the model's layer table and parameter count")
     p.set_defaults(run=_summary)
+    p = sub.add_parser(
+        "analyze", help="plots and a report on a trained run: curves, wrong predictions, confusion, filters, feature maps"
+    )
+    p.add_argument("--workdir", default="runs/latest", help="run folder or checkpoint step folder (default: %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="seed for sampling the 16 wrong predictions (default: %(default)s)")
+    p.add_argument("--index", type=int, default=0, help="test image whose feature maps are drawn (default: %(default)s)")
+    _add_data_flags(p)
+    p.set_defaults(run=_analyze)
+    p = sub.add_parser("predict", help="predict the digit in image files (PNG, JPEG, any size or colour)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
+    p.add_argument("--workdir", default="runs/latest", help="run folder or checkpoint step folder (default: %(default)s)")
+    p.add_argument("--top", type=int, default=3, help="how many classes to list per image (default: %(default)s)")
+    p.set_defaults(run=_predict)
     return parser
+
+
+NON_FINITE_EXIT_CODE = 3
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mnist_jax.train import PREEMPTED_EXIT_CODE, NonFiniteLoss, Preempted
     if not args.debug:
         from absl import logging as absl_logging
 
@@ -114,7 +216,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.debug:
             raise
         print(f"mnist_jax: error: {err}", file=sys.stderr)
-        return 2
+        return NON_FINITE_EXIT_CODE if isinstance(err, NonFiniteLoss) else 2
+    except Preempted as stop:
+        print(f"mnist_jax: {stop}", file=sys.stderr)
+        return PREEMPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

@@ -8,11 +8,16 @@ compiled call and the old state's buffers donated.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
+import os
+import signal
+import threading
 import datetime
 import json
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -110,16 +115,18 @@ def _device_train_step(
 ) -> tuple[TrainState, Metrics]:
     """`train_step` on a batch gathered on the device; metric sums accumulate without a host sync."""
     batch = {"image": images[indices], "label": labels[indices]}
-    state, metrics = _train_step(state, batch, jax.random.fold_in(dropout_key, state.step))
-    return state, jax.tree.map(jnp.add, sums, metrics)
+    step = state.step
+    state, metrics = _train_step(state, batch, jax.random.fold_in(dropout_key, step))
+    return state, _accumulate(sums, metrics, step)
 
 
 @functools.partial(jax.jit, donate_argnums=(0, 1))
 def _host_train_step(
     state: TrainState, sums: Metrics, batch: Batch, dropout_key: jax.Array
 ) -> tuple[TrainState, Metrics]:
-    state, metrics = _train_step(state, batch, jax.random.fold_in(dropout_key, state.step))
-    return state, jax.tree.map(jnp.add, sums, metrics)
+    step = state.step
+    state, metrics = _train_step(state, batch, jax.random.fold_in(dropout_key, step))
+    return state, _accumulate(sums, metrics, step)
 
 
 def evaluate(state: TrainState, arrays: dict[str, Any], batch_size: int = 1000) -> dict[str, float]:
@@ -156,20 +163,78 @@ def _epoch_line(epoch: int, epochs: int, seconds: float, row: dict[str, float]) 
     return f"Epoch {epoch}/{epochs} - {seconds:.1f}s - {metrics}"
 
 
-def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[TrainState, dict[str, Any]]:
-    """Train `config` end to end: data, state, epochs, checkpoints, history. Returns (state, history).
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on request with a checkpoint; `--resume` continues
 
-    With `resume`, continues from the latest checkpoint in `config.workdir`.
-    """
-    config.validate()
-    say = print if verbose else (lambda *a, **k: None)
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT arrived: the current step finished and a checkpoint was written."""
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN/Inf; the last good checkpoint is kept."""
+
+
+@contextlib.contextmanager
+def _stop_requests() -> Iterator[dict[str, int | None]]:
+    """Turn the first SIGTERM/SIGINT into a flag the loop polls; a second one ends the process at once."""
+    request: dict[str, int | None] = {"signal": None}
+    if threading.current_thread() is not threading.main_thread():
+        yield request
+        return
+
+    def handler(signum, frame):
+        if request["signal"] is not None:
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+        request["signal"] = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield request
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _zero_sums() -> Metrics:
+    return {"loss": jnp.zeros(()), "accuracy": jnp.zeros(()), "first_nonfinite_step": jnp.full((), -1, jnp.int32)}
+
+
+def _accumulate(sums: Metrics, metrics: Metrics, step: jax.Array) -> Metrics:
+    """Add a step's metrics to the epoch's sums; remember the first step whose loss was not finite."""
+    bad = (sums["first_nonfinite_step"] < 0) & ~jnp.isfinite(metrics["loss"])
+    return {
+        "loss": sums["loss"] + metrics["loss"],
+        "accuracy": sums["accuracy"] + metrics["accuracy"],
+        "first_nonfinite_step": jnp.where(bad, step.astype(jnp.int32), sums["first_nonfinite_step"]),
+    }
+
+
+def _prepare_workdir(config: Config, resume: bool) -> Path:
     workdir = Path(config.workdir) if config.workdir else default_workdir(config.dataset)
     if resume and not checkpoint.has_checkpoint(workdir):
         raise UserError(f"nothing to resume: {workdir} has no checkpoint")
     try:
-        workdir.mkdir(parents=True, exist_ok=True)
+        (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        probe = workdir / ".write-test"
+        probe.write_text("")
+        probe.unlink()
     except OSError as err:
-        raise UserError(f"cannot create workdir {workdir}: {err.strerror}") from None
+        raise UserError(f"workdir {workdir} is not writable: {err.strerror}") from None
+    return workdir
+
+
+def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[TrainState, dict[str, Any]]:
+    """Train `config` end to end: data, state, epochs, checkpoints, history. Returns (state, history).
+
+    With `resume`, continues from the latest checkpoint in `config.workdir`, mid-epoch
+    included, and ends with the same parameters as an uninterrupted run. SIGTERM/SIGINT
+    finish the current step, save a checkpoint and raise `Preempted`; a non-finite loss
+    raises `NonFiniteLoss` without saving.
+    """
+    config.validate()
+    say = print if verbose else (lambda *a, **k: None)
+    workdir = _prepare_workdir(config, resume)
     config = dataclasses.replace(config, workdir=str(workdir))
 
     train = data.load_split(
@@ -177,19 +242,21 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
         data_dir=config.data_dir, manual_dir=config.manual_dir,
     )  # fmt: skip
     test = data.load_split(config.dataset, "test", data_dir=config.data_dir, manual_dir=config.manual_dir)
-    steps_per_epoch = len(train["label"]) // config.batch_size
+    num_train = len(train["label"])
+    steps_per_epoch = num_train // config.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"batch size {config.batch_size} is larger than the {len(train['label'])} training examples")
+        raise UserError(f"batch size {config.batch_size} is larger than the {num_train} training examples")
 
     keys = StepKeys.from_seed(config.seed)
     state = create_train_state(keys.init, config)
-    history: dict[str, Any] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "epoch_time_s": []}
     manager = checkpoint.make_manager(workdir / "checkpoints", config.keep_checkpoints)
-    start_epoch = 0
+    history: dict[str, Any] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "epoch_time_s": []}
+    position = {"epoch": 0, "step_in_epoch": 0, "sums": None, "fit_time_s": 0.0, "epoch_time_s": 0.0}
     if resume:
         state, meta = checkpoint.restore_latest(manager, state)
-        history, start_epoch = meta["history"], meta["epoch"]
-        say(f"Resumed from {workdir / 'checkpoints'} at epoch {start_epoch}, step {int(state.step)}")
+        history = meta["history"]
+        position.update({k: meta[k] for k in position if k in meta})
+        say(f"Resumed from {manager.directory} at step {int(state.step)} (epoch {position['epoch'] + 1}, step {position['step_in_epoch']} of {steps_per_epoch})")
     else:
         config.save(workdir / "config.json")
     _link_latest(workdir)
@@ -197,42 +264,79 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
 
     if config.pipeline == "device":
         images, labels = jax.device_put(train["image"]), jax.device_put(train["label"])
+
+    def save(epoch: int, step_in_epoch: int, sums: Metrics, epoch_elapsed: float, metrics=None) -> None:
+        _raise_if_nonfinite(sums, manager)
+        if int(state.step) in manager.all_steps():
+            return
+        meta = {
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "history": history,
+            "sums": {k: v.item() for k, v in jax.device_get(sums).items()},
+            "fit_time_s": fit_elapsed(), "epoch_time_s": epoch_elapsed,
+        }  # fmt: skip
+        checkpoint.save(manager, state, meta, metrics=metrics)
+
     fit_start = time.perf_counter()
-    for epoch in range(start_epoch, config.epochs):
-        epoch_start = time.perf_counter()
-        order = data.epoch_permutation(keys.data, epoch, len(train["label"]), config.batch_size)
-        sums = {"loss": jnp.zeros(()), "accuracy": jnp.zeros(())}
-        bar = tqdm(total=steps_per_epoch, desc=f"Epoch {epoch + 1}/{config.epochs}", disable=not verbose, leave=False)
-        if config.pipeline == "device":
-            batches = (order[i] for i in range(steps_per_epoch))
-        else:
-            batches = data.tf_batches(train, np.asarray(order))
-        for i, batch in enumerate(batches):
+    fit_elapsed = lambda: position["fit_time_s"] + time.perf_counter() - fit_start  # noqa: E731
+    with _stop_requests() as stop, manager:  # closing the manager waits for async saves
+        for epoch in range(position["epoch"], config.epochs):
+            resumed_here = epoch == position["epoch"]
+            first_step = position["step_in_epoch"] if resumed_here else 0
+            epoch_start = time.perf_counter() - (position["epoch_time_s"] if resumed_here else 0.0)
+            sums = _zero_sums()
+            if resumed_here and position["sums"]:
+                sums = {k: jnp.asarray(v, sums[k].dtype) for k, v in position["sums"].items()}
+            order = data.epoch_permutation(keys.data, epoch, num_train, config.batch_size)
             if config.pipeline == "device":
-                state, sums = _device_train_step(state, sums, images, labels, batch, keys.dropout)
+                batches = (order[i] for i in range(first_step, steps_per_epoch))
             else:
-                state, sums = _host_train_step(state, sums, batch, keys.dropout)
-            if (i + 1) % 100 == 0 or i + 1 == steps_per_epoch:  # a host sync: not every step
-                running = {k: float(v) / (i + 1) for k, v in sums.items()}
-                bar.set_postfix(loss=f"{running['loss']:.4f}", accuracy=f"{running['accuracy']:.4f}", refresh=False)
-                bar.update((i + 1) - bar.n)
-        bar.close()
-        val = evaluate(state, test, config.eval_batch_size)
-        row = {k: float(v) / steps_per_epoch for k, v in sums.items()}
-        row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-        seconds = time.perf_counter() - epoch_start
-        for key, value in {**row, "epoch_time_s": seconds}.items():
-            history[key].append(value)
-        say(_epoch_line(epoch + 1, config.epochs, seconds, row))
-        checkpoint.save(manager, state, {"epoch": epoch + 1, "history": history}, metrics=val)
-    history["fit_time_s"] = history.get("fit_time_s", 0.0) + (time.perf_counter() - fit_start)
-    manager.wait_until_finished()
+                batches = data.tf_batches(train, np.asarray(order)[first_step:])
+            bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"Epoch {epoch + 1}/{config.epochs}",
+                       disable=not verbose, leave=False)  # fmt: skip
+            for i, batch in enumerate(batches, start=first_step):
+                if config.pipeline == "device":
+                    state, sums = _device_train_step(state, sums, images, labels, batch, keys.dropout)
+                else:
+                    state, sums = _host_train_step(state, sums, batch, keys.dropout)
+                done = i + 1
+                if stop["signal"] is not None:
+                    save(epoch, done, sums, time.perf_counter() - epoch_start)
+                    manager.wait_until_finished()
+                    name = signal.Signals(stop["signal"]).name
+                    raise Preempted(f"stopped by {name} at step {int(state.step)}; checkpoint in {manager.directory}; continue with --resume")
+                if config.checkpoint_every_steps and int(state.step) % config.checkpoint_every_steps == 0 and done < steps_per_epoch:
+                    save(epoch, done, sums, time.perf_counter() - epoch_start)
+                if done % 100 == 0 or done == steps_per_epoch:  # a host sync: not every step
+                    _raise_if_nonfinite(sums, manager)
+                    running = {k: f"{float(sums[k]) / done:.4f}" for k in ("loss", "accuracy")}
+                    bar.set_postfix(running, refresh=False)
+                    bar.update(done - bar.n)
+            bar.close()
+            _raise_if_nonfinite(sums, manager)
+            val = evaluate(state, test, config.eval_batch_size)
+            row = {"loss": float(sums["loss"]) / steps_per_epoch, "accuracy": float(sums["accuracy"]) / steps_per_epoch}
+            row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            seconds = time.perf_counter() - epoch_start
+            for key, value in {**row, "epoch_time_s": seconds}.items():
+                history[key].append(value)
+            say(_epoch_line(epoch + 1, config.epochs, seconds, row))
+            save(epoch + 1, 0, _zero_sums(), 0.0, metrics=val)
+    history["fit_time_s"] = fit_elapsed()
 
     test_metrics = evaluate(state, test, config.eval_batch_size)
     (workdir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-    (workdir / "metrics.json").write_text(json.dumps({"test_loss": test_metrics["loss"], "test_accuracy": test_metrics["accuracy"]}, indent=2) + "\n")
+    metrics = {"test_loss": test_metrics["loss"], "test_accuracy": test_metrics["accuracy"]}
+    (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     say(f"Fit Time : {history['fit_time_s']:.1f} s")
     say(f"Test Loss : {test_metrics['loss']:.4f}")
     say(f"Test Accuracy : {test_metrics['accuracy']:.4f}")
     say(f"Workdir : {workdir}")
     return state, history
+
+
+def _raise_if_nonfinite(sums: Metrics, manager) -> None:
+    step = int(sums["first_nonfinite_step"])
+    if step >= 0:
+        kept = manager.latest_step()
+        where = f"last good checkpoint: step {kept} in {manager.directory}" if kept is not None else "no checkpoint was written"
+        raise NonFiniteLoss(f"loss became NaN/Inf at step {step + 1}; stopped ({where})")
