@@ -6,6 +6,8 @@ latest `keep` checkpoints and the best one by val_accuracy.
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 from pathlib import Path
 from typing import Any
@@ -31,9 +33,13 @@ def make_manager(directory: str | Path, keep: int = 3) -> ocp.CheckpointManager:
             ]
         ),
         create=True,
+        # Multi-process: save synchronously, so Orbax's cross-process barriers never interleave
+        # with the training step's collectives.
+        enable_async_checkpointing=jax.process_count() == 1,
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+    with _quiet_absl():  # an unreadable step's metadata is logged as an ERROR here; restore_latest reports it in one line
+        return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
 
 
 def has_checkpoint(workdir: str | Path) -> bool:
@@ -80,12 +86,15 @@ def restore_latest(
         raise UserError(f"no checkpoint in {manager.directory}")
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
     for i, candidate in enumerate(candidates):
-        _check_shapes(manager, candidate, abstract)
         try:
-            restored = manager.restore(
-                candidate,
-                args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
-            )
+            with _quiet_absl():
+                _check_shapes(manager, candidate, abstract)
+                restored = manager.restore(
+                    candidate,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()),
+                )
+        except UserError:
+            raise
         except Exception as err:  # noqa: BLE001 - any unreadable checkpoint: fall back to the previous one
             reason = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             if step is not None or i + 1 == len(candidates):
@@ -94,6 +103,31 @@ def restore_latest(
             continue
         return restored["state"], restored["meta"]
     raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """Mute Orbax's ERROR logs about unreadable checkpoint files: `restore_latest` reports those in one line."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def discard_newer(manager: ocp.CheckpointManager, step: int) -> list[int]:
+    """Delete the checkpoints after `step` (those `restore_latest` could not read) and return their steps.
+
+    Orbax never saves a step at or below its latest one, so without this a run resumed
+    from an older checkpoint would write no checkpoint until it passed the unreadable
+    ones, and those would stay the "latest".
+    """
+    newer = sorted(s for s in manager.all_steps() if s > step)
+    for s in newer:
+        manager.delete(s)
+    return newer
 
 
 def find_workdir(path: str | Path) -> tuple[Path, int | None]:
@@ -108,15 +142,21 @@ def find_workdir(path: str | Path) -> tuple[Path, int | None]:
     return path, None
 
 
-def restore_checkpoint(workdir_or_path: str | Path) -> TrainState:
-    """The train state saved in a run's workdir (latest checkpoint, or the step folder given)."""
+def restore_checkpoint(workdir_or_path: str | Path, sharding: jax.sharding.Sharding | None = None) -> TrainState:
+    """The train state saved in a run's workdir (latest checkpoint, or the step folder given).
+
+    Arrays land with `sharding` (default: on the first local device), whatever the
+    device count of the run that saved them.
+    """
     from mnist_jax.train import create_train_state  # train imports this module
 
     workdir, step = find_workdir(workdir_or_path)
     config = Config.load(workdir / "config.json")
     if not has_checkpoint(workdir):
         raise UserError(f"no checkpoint in {workdir}")
-    like = jax.eval_shape(lambda key: create_train_state(key, config), jax.random.key(0))
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.eval_shape(lambda key: create_train_state(key, config), jax.random.key(0))
+    like = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), shapes)
     # eval_shape keeps the static fields (apply_fn, tx) and gives abstract leaves.
     with make_manager(workdir / "checkpoints", config.keep_checkpoints) as manager:
         state, _ = restore_latest(manager, like, step)

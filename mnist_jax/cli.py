@@ -27,7 +27,7 @@ def _add_data_flags(parser: argparse.ArgumentParser) -> None:
 # Train flags default to "absent" so a resumed run can tell which ones the user actually passed.
 _ABSENT = argparse.SUPPRESS
 # Where the data lives on this machine may change between a run and its resumption; nothing else may.
-_MACHINE_LOCAL = {"data_dir", "manual_dir", "workdir"}
+_MACHINE_LOCAL = {"data_dir", "manual_dir", "workdir", "devices"}
 
 
 def _train_parser(sub) -> None:
@@ -49,6 +49,10 @@ def _train_parser(sub) -> None:
         "--checkpoint-every-steps", type=int, default=_ABSENT, metavar="N",
         help="also checkpoint every N steps inside an epoch (default: only at epoch ends)",
     )  # fmt: skip
+    p.add_argument("--devices", default=_ABSENT, help="data parallel over 'all' local devices (default) or the first N")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: address of process 0's coordinator")
+    p.add_argument("--num-processes", type=int, metavar="N", help="multi-process: how many processes in all")
+    p.add_argument("--process-id", type=int, metavar="I", help="multi-process: this process's index, 0..N-1")
     _add_data_flags(p)
     p.set_defaults(run=_train)
 
@@ -68,8 +72,10 @@ def _apply(config: Config, flags: dict[str, object]) -> Config:
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
+    from mnist_jax.parallel import initialize_distributed
     from mnist_jax.train import fit
 
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     flags = _given_flags(args)
     if not args.resume:
         fit(_apply(Config(), flags).validate())

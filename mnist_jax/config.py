@@ -59,6 +59,7 @@ class Config:
     manual_dir: str | None = None
     keep_checkpoints: int = 3
     checkpoint_every_steps: int = 0  # 0: only at the end of every epoch
+    devices: str = "all"  # data parallel over all local devices (every process's, multi-host), or the first N
 
     def validate(self) -> "Config":
         """Raise UserError naming the first invalid field; return self for chaining."""

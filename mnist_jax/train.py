@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from mnist_jax import checkpoint, data
 from mnist_jax.config import Config, UserError
 from mnist_jax.model import CNN, IMAGE_SHAPE, summary
+from mnist_jax.parallel import DataParallel, check_divisible, data_parallel
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -109,7 +110,6 @@ class StepKeys:
         return cls(init, dropout, data_key)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
 def _device_train_step(
     state: TrainState, sums: Metrics, images: jax.Array, labels: jax.Array, indices: jax.Array, dropout_key: jax.Array
 ) -> tuple[TrainState, Metrics]:
@@ -120,26 +120,42 @@ def _device_train_step(
     return state, _accumulate(sums, metrics, step)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
-def _host_train_step(
-    state: TrainState, sums: Metrics, batch: Batch, dropout_key: jax.Array
-) -> tuple[TrainState, Metrics]:
+def _host_train_step(state: TrainState, sums: Metrics, batch: Batch, dropout_key: jax.Array) -> tuple[TrainState, Metrics]:
     step = state.step
     state, metrics = _train_step(state, batch, jax.random.fold_in(dropout_key, step))
     return state, _accumulate(sums, metrics, step)
 
 
-def evaluate(state: TrainState, arrays: dict[str, Any], batch_size: int = 1000) -> dict[str, float]:
-    """Loss and accuracy over every example of `arrays`; the last batch is padded and masked, never dropped."""
+@functools.lru_cache(maxsize=None)
+def compiled_steps(dp: DataParallel) -> tuple[Any, Any, Any]:
+    """The fit loop's steps for a mesh: explicit shardings (state replicated, batches split), old state donated."""
+    rep, split = dp.replicated, dp.batch
+    device_step = jax.jit(
+        _device_train_step, in_shardings=(rep, rep, rep, rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0, 1)
+    )
+    host_step = jax.jit(_host_train_step, in_shardings=(rep, rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0, 1))
+    sharded_eval = jax.jit(_eval_step, in_shardings=(rep, split), out_shardings=rep)
+    return device_step, host_step, sharded_eval
+
+
+def evaluate(state: TrainState, arrays: dict[str, Any], batch_size: int = 1000, dp: DataParallel | None = None) -> dict[str, float]:
+    """Loss and accuracy over every example of `arrays`; the last batch is padded and masked, never dropped.
+
+    With `dp`, each batch is split over the mesh (the batch is rounded up to a multiple of its devices).
+    """
     n = len(arrays["label"])
+    if dp is not None:
+        batch_size = -(-batch_size // dp.num_devices) * dp.num_devices
     padded = -(-n // batch_size) * batch_size
     pad = lambda x: np.concatenate([np.asarray(x), np.zeros((padded - n, *x.shape[1:]), x.dtype)])  # noqa: E731
     images, labels = pad(arrays["image"]), pad(arrays["label"])
     mask = np.arange(padded) < n
+    step = eval_step if dp is None else compiled_steps(dp)[2]
     loss_sum = correct = 0.0
     for start in range(0, padded, batch_size):
         window = slice(start, start + batch_size)
-        m = eval_step(state, {"image": images[window], "label": labels[window], "mask": mask[window]})
+        batch = {"image": images[window], "label": labels[window], "mask": mask[window]}
+        m = step(state, batch if dp is None else dp.put_batch(batch))
         loss_sum += m["loss"] * m["count"]
         correct += m["accuracy"] * m["count"]
     return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
@@ -214,9 +230,11 @@ def _prepare_workdir(config: Config, resume: bool) -> Path:
     workdir = Path(config.workdir) if config.workdir else default_workdir(config.dataset)
     if resume and not checkpoint.has_checkpoint(workdir):
         raise UserError(f"nothing to resume: {workdir} has no checkpoint")
+    if not resume and checkpoint.has_checkpoint(workdir):  # a fresh run would overwrite its config.json and mix checkpoints
+        raise UserError(f"{workdir} already holds a run with checkpoints: continue it with --resume, or choose another --workdir")
     try:
-        (workdir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        probe = workdir / ".write-test"
+        workdir.mkdir(parents=True, exist_ok=True)
+        probe = workdir / f".write-test-{jax.process_index()}"
         probe.write_text("")
         probe.unlink()
     except OSError as err:
@@ -233,7 +251,10 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
     raises `NonFiniteLoss` without saving.
     """
     config.validate()
-    say = print if verbose else (lambda *a, **k: None)
+    dp = data_parallel(config.devices)
+    check_divisible(config.batch_size, dp.num_devices)
+    lead = jax.process_index() == 0  # one process prints and writes the run's files
+    say = print if verbose and lead else (lambda *a, **k: None)
     workdir = _prepare_workdir(config, resume)
     config = dataclasses.replace(config, workdir=str(workdir))
 
@@ -248,22 +269,32 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
         raise UserError(f"batch size {config.batch_size} is larger than the {num_train} training examples")
 
     keys = StepKeys.from_seed(config.seed)
-    state = create_train_state(keys.init, config)
+    state = dp.put_replicated(create_train_state(keys.init, config))
     manager = checkpoint.make_manager(workdir / "checkpoints", config.keep_checkpoints)
     history: dict[str, Any] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "epoch_time_s": []}
     position = {"epoch": 0, "step_in_epoch": 0, "sums": None, "fit_time_s": 0.0, "epoch_time_s": 0.0}
     if resume:
         state, meta = checkpoint.restore_latest(manager, state)
+        checkpoint.discard_newer(manager, int(state.step))  # unreadable ones skipped above: this run rewrites them
         history = meta["history"]
         position.update({k: meta[k] for k in position if k in meta})
         say(f"Resumed from {manager.directory} at step {int(state.step)} (epoch {position['epoch'] + 1}, step {position['step_in_epoch']} of {steps_per_epoch})")
-    else:
+    elif lead:
         config.save(workdir / "config.json")
-    _link_latest(workdir)
+    if lead:
+        _link_latest(workdir)
     say(summary(make_model(config)))
+    if dp.num_devices > 1:
+        say(f"Data parallel over {dp.num_devices} devices ({jax.process_count()} process(es)): {config.batch_size // dp.num_devices} examples per device per step")
 
+    device_step, host_step, _ = compiled_steps(dp)
+    if jax.process_count() > 1:
+        # Line the processes up before the first collective: its setup times out if one lags far behind.
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mnist_jax:fit:start")
     if config.pipeline == "device":
-        images, labels = jax.device_put(train["image"]), jax.device_put(train["label"])
+        images, labels = dp.put_replicated(train["image"]), dp.put_replicated(train["label"])
 
     def save(epoch: int, step_in_epoch: int, sums: Metrics, epoch_elapsed: float, metrics=None) -> None:
         _raise_if_nonfinite(sums, manager)
@@ -278,7 +309,8 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
 
     fit_start = time.perf_counter()
     fit_elapsed = lambda: position["fit_time_s"] + time.perf_counter() - fit_start  # noqa: E731
-    with _stop_requests() as stop, manager:  # closing the manager waits for async saves
+    # Closing the manager waits for async saves; `bars` clears the progress bar before an error is printed.
+    with _stop_requests() as stop, manager, contextlib.ExitStack() as bars:
         for epoch in range(position["epoch"], config.epochs):
             resumed_here = epoch == position["epoch"]
             first_step = position["step_in_epoch"] if resumed_here else 0
@@ -286,18 +318,19 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
             sums = _zero_sums()
             if resumed_here and position["sums"]:
                 sums = {k: jnp.asarray(v, sums[k].dtype) for k, v in position["sums"].items()}
-            order = data.epoch_permutation(keys.data, epoch, num_train, config.batch_size)
+            sums = dp.put_replicated(sums)
+            order = np.asarray(data.epoch_permutation(keys.data, epoch, num_train, config.batch_size))
             if config.pipeline == "device":
                 batches = (order[i] for i in range(first_step, steps_per_epoch))
             else:
-                batches = data.tf_batches(train, np.asarray(order)[first_step:])
-            bar = tqdm(total=steps_per_epoch, initial=first_step, desc=f"Epoch {epoch + 1}/{config.epochs}",
-                       disable=not verbose, leave=False)  # fmt: skip
+                batches = data.tf_batches(train, order[first_step:])
+            bar = bars.enter_context(tqdm(total=steps_per_epoch, initial=first_step, desc=f"Epoch {epoch + 1}/{config.epochs}",
+                       disable=not (verbose and lead), leave=False))  # fmt: skip
             for i, batch in enumerate(batches, start=first_step):
                 if config.pipeline == "device":
-                    state, sums = _device_train_step(state, sums, images, labels, batch, keys.dropout)
+                    state, sums = device_step(state, sums, images, labels, dp.put_batch(batch), keys.dropout)
                 else:
-                    state, sums = _host_train_step(state, sums, batch, keys.dropout)
+                    state, sums = host_step(state, sums, dp.put_batch(batch), keys.dropout)
                 done = i + 1
                 if stop["signal"] is not None:
                     save(epoch, done, sums, time.perf_counter() - epoch_start)
@@ -313,20 +346,21 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
                     bar.update(done - bar.n)
             bar.close()
             _raise_if_nonfinite(sums, manager)
-            val = evaluate(state, test, config.eval_batch_size)
+            val = evaluate(state, test, config.eval_batch_size, dp)
             row = {"loss": float(sums["loss"]) / steps_per_epoch, "accuracy": float(sums["accuracy"]) / steps_per_epoch}
             row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             seconds = time.perf_counter() - epoch_start
             for key, value in {**row, "epoch_time_s": seconds}.items():
                 history[key].append(value)
             say(_epoch_line(epoch + 1, config.epochs, seconds, row))
-            save(epoch + 1, 0, _zero_sums(), 0.0, metrics=val)
+            save(epoch + 1, 0, dp.put_replicated(_zero_sums()), 0.0, metrics=val)
     history["fit_time_s"] = fit_elapsed()
 
-    test_metrics = evaluate(state, test, config.eval_batch_size)
-    (workdir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+    test_metrics = evaluate(state, test, config.eval_batch_size, dp)
     metrics = {"test_loss": test_metrics["loss"], "test_accuracy": test_metrics["accuracy"]}
-    (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    if lead:
+        (workdir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     say(f"Fit Time : {history['fit_time_s']:.1f} s")
     say(f"Test Loss : {test_metrics['loss']:.4f}")
     say(f"Test Accuracy : {test_metrics['accuracy']:.4f}")

@@ -1,0 +1,96 @@
+"""Data parallelism with jax.sharding: a 1-D mesh over the batch axis, on one host or many.
+
+Parameters and optimizer state are replicated; every global batch is split
+across the mesh's devices along its first axis. The step functions stay the
+same pure functions: GSPMD partitions them from the shardings of their inputs
+and inserts the gradient all-reduce. Multi-host runs start with
+`initialize_distributed`, after which `jax.devices()` spans every process.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from mnist_jax.config import UserError
+
+BATCH_AXIS = "batch"
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
+    """Join a multi-process run: explicit flags, or whatever `jax.distributed.initialize()` detects (SLURM, TPU pods, ...)."""
+    if coordinator is None and num_processes is None and process_id is None:
+        return
+    if coordinator is None or num_processes is None or process_id is None:
+        raise UserError("multi-process runs need all of --coordinator HOST:PORT, --num-processes N and --process-id I")
+    # CPU devices need a collectives implementation for the cross-process all-reduce (accelerators ignore this).
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+
+
+@dataclasses.dataclass(frozen=True)
+class DataParallel:
+    """The mesh and the two shardings a data-parallel run needs."""
+
+    mesh: Mesh
+
+    @property
+    def replicated(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec())
+
+    @property
+    def batch(self) -> NamedSharding:
+        return NamedSharding(self.mesh, PartitionSpec(BATCH_AXIS))
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.size
+
+    def batch_rows(self, global_batch: np.ndarray) -> np.ndarray:
+        """This process's rows of a global batch (processes own contiguous blocks, in process order)."""
+        per_process = len(global_batch) // jax.process_count()
+        start = jax.process_index() * per_process
+        return global_batch[start : start + per_process]
+
+    def put_batch(self, global_batch: Any) -> Any:
+        """Place a global batch (numpy, identical on every process) split over the batch axis."""
+        if jax.process_count() == 1:
+            return jax.device_put(global_batch, self.batch)
+        local = jax.tree.map(self.batch_rows, global_batch)
+        return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch, x), local)
+
+    def put_replicated(self, tree: Any) -> Any:
+        if jax.process_count() == 1:
+            return jax.device_put(tree, self.replicated)
+        return jax.tree.map(
+            lambda x: jax.make_array_from_process_local_data(self.replicated, np.asarray(x), np.shape(x)), tree
+        )
+
+
+def data_parallel(devices: str | int = "all") -> DataParallel:
+    """A 1-D mesh over the first N devices (all of them, across processes, by default)."""
+    available = jax.devices()
+    if devices in ("all", 0, "0"):
+        chosen = available
+    else:
+        try:
+            count = int(devices)
+        except ValueError:
+            raise UserError(f"--devices must be 'all' or a positive number, got {devices!r}") from None
+        if not 1 <= count <= len(available):
+            raise UserError(f"--devices {count}: this run sees {len(available)} device(s)")
+        if jax.process_count() > 1 and count != len(available):
+            raise UserError("multi-process runs use every device (--devices all)")
+        chosen = available[:count]
+    return DataParallel(Mesh(np.asarray(chosen), (BATCH_AXIS,)))
+
+
+def check_divisible(batch_size: int, num_devices: int, what: str = "batch size") -> None:
+    if batch_size % num_devices:
+        lower = batch_size // num_devices * num_devices
+        options = " or ".join(str(b) for b in (lower, lower + num_devices) if b > 0)
+        raise UserError(f"{what} {batch_size} does not divide over {num_devices} devices (try {options})")

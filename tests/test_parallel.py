@@ -1,0 +1,106 @@
+"""Data parallelism on forced CPU devices: 4 devices train like 1, two processes train like one, checkpoints move between device counts."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import REPO
+
+FOUR_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+
+WORKER = textwrap.dedent(
+    """
+    import dataclasses, json, sys
+    import jax, numpy as np
+    from mnist_jax import Config, fit, restore_checkpoint, predict, checkpoint
+    from mnist_jax.parallel import data_parallel
+    from mnist_jax.train import create_train_state
+    assert len(jax.devices()) == 4
+    data_dir, manual_dir, out = sys.argv[1:4]
+    base = Config(epochs=2, train_examples=640, data_dir=data_dir, manual_dir=manual_dir)
+    runs = {}
+    for devices in ("4", "1"):
+        state, history = fit(dataclasses.replace(base, devices=devices, workdir=f"{out}/d{devices}"), verbose=False)
+        runs[devices] = (state, history)
+    (s4, h4), (s1, h1) = runs["4"], runs["1"]
+    diff = max(float(np.max(np.abs(np.asarray(a) - np.asarray(b)))) for a, b in zip(jax.tree.leaves(s4.params), jax.tree.leaves(s1.params)))
+    # Checkpoints across device counts: the 4-device run restored on one device, the 1-device run onto 4.
+    images = np.random.default_rng(0).random((16, 28, 28, 1), dtype=np.float32)
+    on_one = restore_checkpoint(f"{out}/d4")
+    dp4 = data_parallel("4")
+    like = dp4.put_replicated(create_train_state(jax.random.key(0), base))
+    with checkpoint.make_manager(f"{out}/d1/checkpoints") as manager:
+        on_four, _ = checkpoint.restore_latest(manager, like)
+    json.dump({
+        "loss4": h4["loss"], "loss1": h1["loss"], "val4": h4["val_accuracy"], "val1": h1["val_accuracy"],
+        "max_param_diff": diff,
+        "restored_devices": [len(on_one.params["dense1"]["kernel"].devices()), len(on_four.params["dense1"]["kernel"].devices())],
+        "pred_4_on_1": float(np.max(np.abs(np.asarray(predict(on_one, images)) - np.asarray(predict(s4, images))))),
+        "pred_1_on_4": float(np.max(np.abs(np.asarray(predict(on_four, images)) - np.asarray(predict(s1, images))))),
+    }, open(f"{out}/result.json", "w"))
+    """
+)
+
+
+def test_four_devices_train_like_one_and_checkpoints_move(tmp_path, mnist_dirs):
+    env = {**os.environ, **FOUR_DEVICES}
+    result = subprocess.run(
+        [sys.executable, "-c", WORKER, mnist_dirs["data_dir"], mnist_dirs["manual_dir"], str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    r = json.loads((tmp_path / "result.json").read_text())
+    assert r["loss4"] == pytest.approx(r["loss1"], rel=1e-4)
+    assert r["val4"] == pytest.approx(r["val1"], abs=2e-4)  # at most 2 of 10,000 test images flip
+    assert r["max_param_diff"] < 1e-4
+    assert r["restored_devices"] == [1, 4]
+    assert r["pred_4_on_1"] == 0.0 and r["pred_1_on_4"] < 1e-6
+
+
+def test_batch_must_divide_over_devices(tmp_path):
+    env = {**os.environ, **FOUR_DEVICES}
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_jax", "train", "--batch-size", "30", "--workdir", str(tmp_path)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 2
+    assert result.stderr.strip().endswith("batch size 30 does not divide over 4 devices (try 28 or 32)")
+
+
+def test_two_processes_train_like_one(tmp_path, mnist_dirs):
+    """Two processes on 127.0.0.1 with two CPU devices each (gloo collectives) against one process."""
+    flags = ["--epochs", "1", "--train-examples", "640", "--data-dir", mnist_dirs["data_dir"], "--manual-dir", mnist_dirs["manual_dir"]]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    single = subprocess.run(
+        [sys.executable, "-m", "mnist_jax", "train", *flags, "--workdir", str(tmp_path / "single")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert single.returncode == 0, single.stderr[-2000:]
+    import socket
+
+    with socket.socket() as sock:  # a free port for the coordinator
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "mnist_jax", "train", *flags, "--workdir", str(tmp_path / "multi"),
+             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    assert "Test Accuracy" in outputs[0][0] and "Test Accuracy" not in outputs[1][0]  # only process 0 prints
+    one = json.loads((tmp_path / "single" / "metrics.json").read_text())
+    two = json.loads((tmp_path / "multi" / "metrics.json").read_text())
+    assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
+    assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=2e-4)
