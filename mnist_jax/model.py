@@ -33,6 +33,34 @@ class Pool2x2(nn.Module):
         return x.mean(axis=(2, 4))
 
 
+class Conv(nn.Module):
+    """A stride-1 2-D convolution computed as one matmul over shifted views of the input.
+
+    Same parameters as `nn.Conv` (kernel [k, k, in, out], bias [out]) and the same
+    result up to float summation order. On XLA:CPU the gradients of this form (plain
+    matmuls) ran faster than those of `conv_general_dilated` for the seed's layers.
+    """
+
+    features: int
+    kernel_size: int
+    padding: str = "SAME"
+    dtype: Any = jnp.float32
+    kernel_init: Any = nn.initializers.glorot_uniform()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        k, channels = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (k, k, channels, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        if self.padding == "SAME":  # TensorFlow's split: the extra row/column goes after
+            before, after = (k - 1) // 2, (k - 1) - (k - 1) // 2
+            x = jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
+        height, width = x.shape[1] - k + 1, x.shape[2] - k + 1
+        patches = jnp.concatenate([x[:, i : i + height, j : j + width, :] for i in range(k) for j in range(k)], axis=-1)
+        y = patches.astype(self.dtype) @ kernel.reshape(k * k * channels, self.features).astype(self.dtype)
+        return y + bias.astype(self.dtype)
+
+
 class Flatten(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -65,8 +93,8 @@ class CNN(nn.Module):
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
-        conv = lambda features, kernel, name: nn.Conv(  # noqa: E731
-            features, (kernel, kernel), padding=self.padding, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+        conv = lambda features, kernel, name: Conv(  # noqa: E731
+            features, kernel, padding=self.padding, dtype=self.dtype, kernel_init=self.kernel_init, name=name
         )
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, dtype=self.dtype, kernel_init=self.kernel_init, name=name

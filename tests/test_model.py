@@ -54,3 +54,19 @@ def test_summary_lists_layers_in_order_with_keras_shapes():
     assert names == ["conv1", "pool1", "conv2", "pool2", "dropout", "flatten", "dense1", "dense2"]
     assert "(None, 28, 28, 32)" in text and "(None, 3136)" in text
     assert "Total params: 3,156,098" in text
+
+
+@pytest.mark.parametrize(("kernel", "padding"), [(5, "SAME"), (2, "SAME"), (3, "VALID"), (2, "VALID")])
+def test_matmul_conv_equals_flax_conv(kernel, padding):
+    import flax.linen as nn
+
+    from mnist_jax.model import Conv
+
+    x = jax.random.normal(jax.random.key(0), (3, 14, 13, 4))
+    ours = Conv(6, kernel, padding=padding)
+    params = ours.init(jax.random.key(1), x)
+    reference = nn.Conv(6, (kernel, kernel), padding=padding).apply(params, x)  # same parameter tree
+    assert jnp.allclose(ours.apply(params, x), reference, atol=1e-5)
+    grads = jax.grad(lambda p: (ours.apply(p, x) ** 2).sum())(params)
+    ref_grads = jax.grad(lambda p: (nn.Conv(6, (kernel, kernel), padding=padding).apply(p, x) ** 2).sum())(params)
+    assert all(jnp.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
