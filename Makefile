@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MANUAL_DIR ?= $(MNIST_JAX_MANUAL_DIR)
 
-.PHONY: install train test bench bench-quick clean
+.PHONY: install train test analyze bench bench-quick experiments clean
 
 install: $(VENV)/.installed
 
@@ -17,6 +17,9 @@ train: install
 
 test: install
 	$(PY) -m pytest -q $(ARGS)
+
+analyze: install
+	$(PY) -m mnist_jax analyze --workdir $(or $(WORKDIR),runs/latest) $(ARGS)
 
 bench: install
 	$(PY) -m mnist_jax.bench $(if $(MANUAL_DIR),--manual-dir $(MANUAL_DIR)) $(ARGS)

@@ -50,7 +50,7 @@ def _train_parser(sub) -> None:
         help="also checkpoint every N steps inside an epoch (default: only at epoch ends)",
     )  # fmt: skip
     p.add_argument("--devices", default=_ABSENT, help="data parallel over 'all' local devices (default) or the first N")
-    p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: address of process 0's coordinator")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: address of process 0's coordinator, or 'auto' to detect the cluster (SLURM, TPU pod, ...)")
     p.add_argument("--num-processes", type=int, metavar="N", help="multi-process: how many processes in all")
     p.add_argument("--process-id", type=int, metavar="I", help="multi-process: this process's index, 0..N-1")
     _add_data_flags(p)

@@ -25,6 +25,9 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     """Join a multi-process run: explicit flags, or whatever `jax.distributed.initialize()` detects (SLURM, TPU pods, ...)."""
     if coordinator is None and num_processes is None and process_id is None:
         return
+    if coordinator == "auto":  # SLURM, Open MPI, TPU pods, ...: let JAX read the cluster's environment
+        jax.distributed.initialize()
+        return
     if coordinator is None or num_processes is None or process_id is None:
         raise UserError("multi-process runs need all of --coordinator HOST:PORT, --num-processes N and --process-id I")
     # CPU devices need a collectives implementation for the cross-process all-reduce (accelerators ignore this).
