@@ -49,7 +49,7 @@ def test_workdir_without_checkpoint(tmp_path):
 def test_missing_data_offline_names_the_files(tmp_path):
     empty = tmp_path / "manual"
     empty.mkdir()
-    result = run_cli("train", "--data-dir", str(tmp_path / "tfds"), env_extra={"MNIST_JAX_MANUAL_DIR": str(empty)})
+    result = run_cli("train", "--data-dir", str(tmp_path / "tfds"), "--workdir", str(tmp_path / "run"), env_extra={"MNIST_JAX_MANUAL_DIR": str(empty)})
     assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
     assert "train-images-idx3-ubyte.gz" in result.stderr and "t10k-labels-idx1-ubyte.gz" in result.stderr
 
