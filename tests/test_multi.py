@@ -1,0 +1,124 @@
+"""Many models in one jit: K vmapped models train exactly as K models trained one by one (up to float tolerance)."""
+
+import dataclasses
+import sys
+
+import jax
+import numpy as np
+import pytest
+from mnist_jax import Config, ModelConfig, create_train_state, evaluate, train_step
+from mnist_jax.data import epoch_permutation
+from mnist_jax.multi import (
+    create_train_states,
+    evaluate_many,
+    fit_many,
+    get_learning_rates,
+    predict_many,
+    set_learning_rates,
+    train_steps,
+    unstack,
+)
+from mnist_jax.train import StepKeys
+
+# A narrow seed CNN (same layers, dropout on) so that tens of steps take seconds.
+SMALL = Config(batch_size=16, epochs=2, model=ModelConfig(conv1_features=8, conv2_features=8, dense_features=32))
+TOL = dict(rtol=1e-5, atol=2e-6)
+
+
+def _data(n=160, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 10, n).astype(np.int32)
+    # Learnable: a bright block whose position encodes the label, plus noise.
+    images = rng.random((n, 28, 28, 1), dtype=np.float32) * 0.3
+    for i, label in enumerate(labels):
+        images[i, 2 * label : 2 * label + 6, 4:24] += 0.7
+    return {"image": images, "label": labels}
+
+
+def _assert_trees_close(a, b, **tol):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), **tol)
+
+
+def _one_by_one(config, train):
+    """The reference: `fit`'s schedule (init key, data order, fold_in dropout keys) with the library's own train_step."""
+    keys = StepKeys.from_seed(config.seed)
+    state = create_train_state(keys.init, config)
+    n = len(train["label"])
+    for epoch in range(config.epochs):
+        for idx in np.asarray(epoch_permutation(keys.data, epoch, n, config.batch_size)):
+            batch = {k: v[idx] for k, v in train.items()}
+            state, _ = train_step(state, batch, jax.random.fold_in(keys.dropout, state.step))
+    return state
+
+
+def test_fit_many_equals_models_trained_one_by_one():
+    train = _data()
+    configs = [dataclasses.replace(SMALL, seed=s, learning_rate=lr) for s, lr in ((0, 1e-3), (1, 2e-3), (7, 5e-4))]
+    states, histories = fit_many(configs, train, {k: v[:64] for k, v in train.items()})
+    assert int(states.step[0]) == 20 and len(histories) == 3  # 2 epochs x 10 steps, 3 models
+    np.testing.assert_allclose(get_learning_rates(states), [1e-3, 2e-3, 5e-4], rtol=1e-6)
+    for k, config in enumerate(configs):
+        reference = _one_by_one(config, train)
+        _assert_trees_close(unstack(states.params, k), reference.params, **TOL)
+        assert int(states.step[k]) == int(reference.step)
+        assert histories[k]["seed"] == config.seed and len(histories[k]["val_accuracy"]) == 2
+    assert not np.allclose(np.asarray(states.params["dense2"]["bias"][0]), np.asarray(states.params["dense2"]["bias"][1]))
+
+
+@pytest.mark.parametrize("per_model_batch", [False, True])
+def test_train_steps_equals_train_step(per_model_batch):
+    train = _data(48)
+    k = 2
+    init_keys = jax.random.split(jax.random.key(3), k)
+    dropout_keys = jax.random.split(jax.random.key(4), k)
+    states = create_train_states(init_keys, SMALL)
+    singles = [create_train_state(init_keys[i], SMALL) for i in range(k)]
+    _assert_trees_close(unstack(states.params, 1), singles[1].params, rtol=1e-6, atol=1e-7)  # vmapped init = one-by-one init
+    for step in range(3):
+        rows = [slice(16 * ((step + i) % 3), 16 * ((step + i) % 3) + 16) for i in range(k)]
+        if per_model_batch:
+            batch = {key: np.stack([v[r] for r in rows]) for key, v in train.items()}
+        else:
+            batch = {key: v[rows[0]] for key, v in train.items()}
+        rngs = jax.vmap(jax.random.fold_in, in_axes=(0, None))(dropout_keys, step)
+        states, metrics = train_steps(states, batch, rngs)
+        for i in range(k):
+            own = {key: v[rows[i] if per_model_batch else rows[0]] for key, v in train.items()}
+            singles[i], m = train_step(singles[i], own, rngs[i])
+            np.testing.assert_allclose(metrics["loss"][i], m["loss"], **TOL)
+    for i in range(k):
+        _assert_trees_close(unstack(states.params, i), singles[i].params, **TOL)
+
+
+def test_evaluate_and_predict_many_match_single_model_functions():
+    data = _data(70)
+    states = create_train_states(jax.random.split(jax.random.key(0), 2), SMALL)
+    many = evaluate_many(states, data, batch_size=32)  # 70 = 2 full batches + a padded one
+    probs = predict_many(states, data["image"], batch_size=32)
+    assert probs.shape == (2, 70, 10)
+    for i in range(2):
+        single = evaluate(unstack(states, i), data, batch_size=32)
+        np.testing.assert_allclose(many["accuracy"][i], single["accuracy"], rtol=1e-6)
+        np.testing.assert_allclose(many["loss"][i], single["loss"], rtol=1e-5)
+        np.testing.assert_allclose((probs[i].argmax(-1) == data["label"]).mean(), single["accuracy"], rtol=1e-6)
+
+
+def test_learning_rates_and_config_checks():
+    states = create_train_states(jax.random.split(jax.random.key(0), 3), SMALL, learning_rates=[1e-3, 1e-2, 1e-4])
+    np.testing.assert_allclose(get_learning_rates(set_learning_rates(states, [1, 2, 3])), [1, 2, 3])
+    with pytest.raises(ValueError, match="3 learning rates"):
+        set_learning_rates(states, [1e-3, 1e-3])
+    with pytest.raises(ValueError, match="batch_size"):
+        fit_many([SMALL, dataclasses.replace(SMALL, batch_size=8)], _data(32))
+
+
+def test_experiment_augmentation_is_identity_at_zero_and_moves_pixels_otherwise():
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent.parent / "experiments"))
+    from common import augment
+
+    images = _data(4)["image"]
+    same = augment(jax.random.key(0), images, max_shift=0.0, max_degrees=0.0, max_scale=0.0)
+    np.testing.assert_allclose(np.asarray(same), images, atol=1e-5)
+    moved = np.asarray(augment(jax.random.key(0), images))
+    assert moved.shape == images.shape and not np.allclose(moved, images, atol=1e-3)
