@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MANUAL_DIR ?= $(MNIST_JAX_MANUAL_DIR)
 
-.PHONY: install train test analyze bench bench-quick experiments clean
+.PHONY: install train test test-slow analyze bench bench-quick experiments clean
 
 install: $(VENV)/.installed
 
@@ -16,7 +16,10 @@ train: install
 	$(PY) -m mnist_jax train $(if $(MANUAL_DIR),--manual-dir $(MANUAL_DIR)) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q $(ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
+
+test-slow: install
+	$(PY) -m pytest -q -m slow $(ARGS)
 
 analyze: install
 	$(PY) -m mnist_jax analyze --workdir $(or $(WORKDIR),runs/latest) $(ARGS)

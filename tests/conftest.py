@@ -38,3 +38,22 @@ def mnist_small(mnist_dirs):
     train = data.load_split("mnist", "train", num_examples=2000, **mnist_dirs)
     test = data.load_split("mnist", "test", **mnist_dirs)
     return train, test
+
+
+# Whole-process scenarios of tens of seconds each: `make test-slow` (and CI) runs them, `make test` skips them.
+SLOW_TESTS = {
+    "test_sigkill_at_a_random_step_then_resume_is_bit_identical",
+    "test_sigterm_finishes_the_step_saves_and_exits_75_then_resume_is_identical",
+    "test_a_second_sigint_ends_the_process_at_once",
+    "test_a_truncated_latest_checkpoint_is_reported_in_one_line_and_the_previous_one_used",
+    "test_a_partly_written_checkpoint_is_never_picked",
+    "test_a_diverging_learning_rate_stops_with_exit_3_naming_the_step",
+    "test_two_processes_train_like_one",
+    "test_four_devices_train_like_one_and_checkpoints_move",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.originalname in SLOW_TESTS or item.name in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
