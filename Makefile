@@ -16,7 +16,7 @@ train: install
 	$(PY) -m mnist_jax train $(if $(MANUAL_DIR),--manual-dir $(MANUAL_DIR)) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -n 2 -m "not slow" $(ARGS)
+	$(PY) -m pytest -q -n 2 -m "not slow" --durations=5 $(ARGS)
 
 test-slow: install
 	$(PY) -m pytest -q -m slow $(ARGS)
