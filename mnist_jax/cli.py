@@ -49,6 +49,10 @@ def _train_parser(sub) -> None:
         "--checkpoint-every-steps", type=int, default=_ABSENT, metavar="N",
         help="also checkpoint every N steps inside an epoch (default: only at epoch ends)",
     )  # fmt: skip
+    p.add_argument(
+        "--steps-per-call", type=int, default=_ABSENT, metavar="N",
+        help="training steps per compiled call, under lax.scan (default: 0 = auto: 1 on CPU, the whole epoch on GPU/TPU)",
+    )  # fmt: skip
     p.add_argument("--devices", default=_ABSENT, help="data parallel over 'all' local devices (default) or the first N")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: address of process 0's coordinator, or 'auto' to detect the cluster (SLURM, TPU pod, ...)")
     p.add_argument("--num-processes", type=int, metavar="N", help="multi-process: how many processes in all")
@@ -211,11 +215,16 @@ NON_FINITE_EXIT_CODE = 3
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from mnist_jax.train import PREEMPTED_EXIT_CODE, NonFiniteLoss, Preempted
+
     if not args.debug:
         from absl import logging as absl_logging
 
         absl_logging.set_verbosity(absl_logging.ERROR)  # tfds' info/warning chatter
     run: Callable[[argparse.Namespace], int] = args.run
+    if args.command == "train":
+        from mnist_jax.train import enable_compilation_cache
+
+        enable_compilation_cache()  # $MNIST_JAX_COMPILATION_CACHE (empty: off), default ~/.cache/mnist_jax/xla
     try:
         return run(args)
     except UserError as err:

@@ -60,6 +60,9 @@ class Config:
     keep_checkpoints: int = 3
     checkpoint_every_steps: int = 0  # 0: only at the end of every epoch
     devices: str = "all"  # data parallel over all local devices (every process's, multi-host), or the first N
+    # Training steps per compiled call (the epoch's shuffle, batching and steps under one lax.scan).
+    # 0: auto, the whole epoch on GPU/TPU, 1 on CPU (where a scanned step measured 1.6x slower).
+    steps_per_call: int = 0
 
     def validate(self) -> "Config":
         """Raise UserError naming the first invalid field; return self for chaining."""
@@ -83,6 +86,7 @@ class Config:
                 self.checkpoint_every_steps >= 0,
                 f"--checkpoint-every-steps must be >= 0, got {self.checkpoint_every_steps}",
             ),
+            (self.steps_per_call >= 0, f"--steps-per-call must be >= 0, got {self.steps_per_call}"),
             (self.model.padding in PADDINGS, f"padding must be one of {', '.join(PADDINGS)}"),
             (self.model.pool in POOLS, f"pool must be one of {', '.join(POOLS)}"),
             (0.0 <= self.model.dropout_rate < 1.0, f"dropout rate must be in [0, 1), got {self.model.dropout_rate}"),
