@@ -17,17 +17,19 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+def _add_data_flags(parser: argparse.ArgumentParser, arrays: bool = True) -> None:
     parser.add_argument("--data-dir", help="tfds data_dir (default: tfds's, or $TFDS_DATA_DIR)")
     parser.add_argument(
         "--manual-dir", help="folder holding the four MNIST .gz files, for offline preparation (or $MNIST_JAX_MANUAL_DIR)"
     )
+    if arrays:
+        parser.add_argument("--arrays", metavar="NPZ", help="read the data from this file (made by `export`) instead of tfds: no TensorFlow")
 
 
 # Train flags default to "absent" so a resumed run can tell which ones the user actually passed.
 _ABSENT = argparse.SUPPRESS
 # Where the data lives on this machine may change between a run and its resumption; nothing else may.
-_MACHINE_LOCAL = {"data_dir", "manual_dir", "workdir", "devices"}
+_MACHINE_LOCAL = {"data_dir", "manual_dir", "arrays", "workdir", "devices"}
 
 
 def _train_parser(sub) -> None:
@@ -107,11 +109,20 @@ def _evaluate(args: argparse.Namespace) -> int:
     config = Config.load(workdir / "config.json")
     state = checkpoint.restore_checkpoint(args.workdir)
     test = data.load_split(
-        config.dataset, "test", data_dir=args.data_dir or config.data_dir, manual_dir=args.manual_dir or config.manual_dir
-    )
+        config.dataset, "test", data_dir=args.data_dir or config.data_dir, manual_dir=args.manual_dir or config.manual_dir,
+        arrays=args.arrays or config.arrays,
+    )  # fmt: skip
     metrics = evaluate(state, test, config.eval_batch_size)
     print(f"Test Loss : {metrics['loss']:.4f}")
     print(f"Test Accuracy : {metrics['accuracy']:.4f}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from mnist_jax import data
+
+    path = data.export_arrays(args.out, args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir)
+    print(f"Wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {args.dataset} train and test; train with --arrays {path}")
     return 0
 
 
@@ -130,8 +141,9 @@ def _analyze(args: argparse.Namespace) -> int:
     state = checkpoint.restore_checkpoint(args.workdir)
     history = analysis.load_history(workdir)
     test = data.load_split(
-        config.dataset, "test", data_dir=args.data_dir or config.data_dir, manual_dir=args.manual_dir or config.manual_dir
-    )
+        config.dataset, "test", data_dir=args.data_dir or config.data_dir, manual_dir=args.manual_dir or config.manual_dir,
+        arrays=args.arrays or config.arrays,
+    )  # fmt: skip
     names = data.CLASS_NAMES[config.dataset]
     summary = analysis.write_analysis(
         state, test, history, workdir / "analysis",
@@ -191,6 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/latest", help="run folder or checkpoint step folder (default: %(default)s)")
     _add_data_flags(p)
     p.set_defaults(run=_evaluate)
+    p = sub.add_parser("export", help="write a data set's train and test splits to one .npz that `--arrays` reads without TensorFlow")
+    p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)} (default: %(default)s)")
+    p.add_argument("--out", required=True, metavar="NPZ", help="the file to write")
+    _add_data_flags(p, arrays=False)
+    p.set_defaults(run=_export)
     p = sub.add_parser("summary", help="print the model's layer table and parameter count")
     p.set_defaults(run=_summary)
     p = sub.add_parser(

@@ -57,6 +57,7 @@ class Config:
     workdir: str | None = None
     data_dir: str | None = None
     manual_dir: str | None = None
+    arrays: str | None = None  # an .npz from `python -m mnist_jax export`: read instead of tfds, no TensorFlow
     keep_checkpoints: int = 3
     checkpoint_every_steps: int = 0  # 0: only at the end of every epoch
     devices: str = "all"  # data parallel over all local devices (every process's, multi-host), or the first N

@@ -176,23 +176,66 @@ def load_split(
     num_examples: int | None = None,
     data_dir: str | None = None,
     manual_dir: str | None = None,
+    arrays: str | os.PathLike | None = None,
 ) -> dict[str, np.ndarray]:
     """A whole split as arrays: {"image": float32[N, 28, 28, 1] in [0, 1], "label": int32[N]}.
 
-    `num_examples` keeps only the first N examples of the split.
+    `num_examples` keeps only the first N examples of the split. With `arrays` (an .npz written by
+    `export_arrays`), the split is read from that file and TensorFlow is never imported.
     """
+    if arrays is not None:
+        raw = _npz_split(arrays, dataset, split)
+        _check_available(num_examples, len(raw["label"]), dataset, split)
+        raw = {k: v[:num_examples] for k, v in raw.items()}
+    else:
+        raw = _tfds_split(dataset, split, data_dir, manual_dir, num_examples)
+    return {"image": raw["image"].astype(np.float32) / np.float32(255.0), "label": raw["label"].astype(np.int32)}
+
+
+def _check_available(num_examples: int | None, available: int, dataset: str, split: str) -> None:
+    if num_examples is not None and num_examples > available:
+        raise UserError(f"asked for {num_examples} {split} examples, {dataset} has {available}")
+
+
+def _tfds_split(
+    dataset: str, split: str, data_dir: str | None, manual_dir: str | None, num_examples: int | None = None
+) -> dict[str, np.ndarray]:
+    """The first `num_examples` (all: None) of a split as tfds stores them: uint8 images [N, 28, 28, 1], int64 labels."""
     import tensorflow_datasets as tfds
 
     builder = prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
-    available = builder.info.splits[split].num_examples
-    if num_examples is not None and num_examples > available:
-        raise UserError(f"asked for {num_examples} {split} examples, {dataset} has {available}")
+    _check_available(num_examples, builder.info.splits[split].num_examples, dataset, split)
     split_spec = split if num_examples is None else f"{split}[:{num_examples}]"
     arrays = tfds.as_numpy(builder.as_dataset(split=split_spec, batch_size=-1, shuffle_files=False))
-    return {
-        "image": arrays["image"].astype(np.float32) / np.float32(255.0),
-        "label": arrays["label"].astype(np.int32),
-    }
+    return {"image": arrays["image"], "label": arrays["label"]}
+
+
+def _npz_split(path: str | os.PathLike, dataset: str, split: str) -> dict[str, np.ndarray]:
+    try:
+        with np.load(path) as npz:
+            if str(npz["dataset"]) != dataset:
+                raise UserError(f"{path} holds {npz['dataset']}, not {dataset}")
+            return {"image": npz[f"{split}_image"], "label": npz[f"{split}_label"]}
+    except (OSError, KeyError, ValueError) as err:
+        raise UserError(f"cannot read arrays file {path}: {err}") from None
+
+
+def export_arrays(
+    path: str | os.PathLike, dataset: str = "mnist", *, data_dir: str | None = None, manual_dir: str | None = None
+) -> Path:
+    """Write both splits of `dataset` (uint8 images, as tfds gives them) to one compressed .npz.
+
+    `load_split(..., arrays=path)` and `train --arrays path` read it without TensorFlow, e.g. on an
+    accelerator machine where only jax/flax/optax/orbax are installed (MNIST: ~15 MB).
+    """
+    splits = {split: _tfds_split(dataset, split, data_dir, manual_dir) for split in ("train", "test")}
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.npz")
+    flat = {f"{split}_{key}": value for split, arrays in splits.items() for key, value in arrays.items()}
+    np.savez_compressed(tmp, dataset=np.array(dataset), **flat)
+    tmp.replace(path)  # never a half-written file under the final name
+    return path
 
 
 def epoch_permutation(data_key: jax.Array, epoch: int, num_examples: int, batch_size: int) -> jax.Array:

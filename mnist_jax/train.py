@@ -303,11 +303,9 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
     workdir = _prepare_workdir(config, resume)
     config = dataclasses.replace(config, workdir=str(workdir))
 
-    train = data.load_split(
-        config.dataset, "train", num_examples=config.train_examples,
-        data_dir=config.data_dir, manual_dir=config.manual_dir,
-    )  # fmt: skip
-    test = data.load_split(config.dataset, "test", data_dir=config.data_dir, manual_dir=config.manual_dir)
+    where = {"data_dir": config.data_dir, "manual_dir": config.manual_dir, "arrays": config.arrays}
+    train = data.load_split(config.dataset, "train", num_examples=config.train_examples, **where)
+    test = data.load_split(config.dataset, "test", **where)
     num_train = len(train["label"])
     steps_per_epoch = num_train // config.batch_size
     if steps_per_epoch == 0:

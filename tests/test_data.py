@@ -3,6 +3,8 @@
 import gzip
 import hashlib
 import os
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -128,3 +130,28 @@ def test_debian_fashion_mnist_prepares_despite_recompression(tmp_path):
     test = data.load_split("fashion_mnist", "test", data_dir=str(tmp_path), manual_dir=FASHION_DIR)
     assert test["image"].shape == (10_000, 28, 28, 1)
     assert np.bincount(test["label"]).tolist() == [1000] * 10
+
+
+def test_exported_arrays_equal_tfds_and_train_without_tensorflow(tmp_path, mnist_dirs):
+    path = data.export_arrays(tmp_path / "mnist.npz", "mnist", **mnist_dirs)
+    for split, n in (("train", 500), ("test", None)):
+        from_tfds = data.load_split("mnist", split, num_examples=n, **mnist_dirs)
+        from_file = data.load_split("mnist", split, num_examples=n, arrays=path)
+        for key in ("image", "label"):
+            np.testing.assert_array_equal(from_tfds[key], from_file[key])
+            assert from_tfds[key].dtype == from_file[key].dtype
+    with pytest.raises(UserError, match="holds mnist, not fashion_mnist"):
+        data.load_split("fashion_mnist", "test", arrays=path)
+    with pytest.raises(UserError, match="cannot read arrays file"):
+        data.load_split("mnist", "test", arrays=tmp_path / "absent.npz")
+
+    # As on an accelerator machine without TensorFlow: importing it (or tfds) fails, training still runs.
+    code = (
+        "import sys; sys.modules['tensorflow'] = None; sys.modules['tensorflow_datasets'] = None\n"
+        "from mnist_jax import Config, fit\n"
+        f"_, h = fit(Config(epochs=1, train_examples=320, arrays={str(path)!r}, workdir={str(tmp_path / 'run')!r}), verbose=False)\n"
+        "print('val_accuracy', h['val_accuracy'][-1])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert float(result.stdout.split()[-1]) > 0.5
