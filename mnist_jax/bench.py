@@ -90,7 +90,8 @@ def _jax_worker(args: argparse.Namespace) -> dict[str, Any]:
         )  # fmt: skip
         _, history = fit(config, verbose=False)
         accuracy = json.loads((Path(workdir) / "metrics.json").read_text())["test_accuracy"]
-    return {"epoch_time_s": history["epoch_time_s"], "fit_time_s": history["fit_time_s"], "test_accuracy": accuracy}
+    return {"epoch_time_s": history["epoch_time_s"], "fit_time_s": history["fit_time_s"], "test_accuracy": accuracy,
+            "compile_time_s": history["compile_time_s"]}  # fmt: skip
 
 
 def _load(args: argparse.Namespace):
@@ -136,6 +137,7 @@ def _summarise(runs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
         "steady_epoch_s_max": max(steady),
         "steady_ms_per_step": 1000 * median / steps,
         "first_epoch_s": statistics.median(first),
+        "compile_s": statistics.median(run.get("compile_time_s", 0.0) for run in runs),  # Keras compiles inside epoch 1
         "test_accuracy": statistics.median(run["test_accuracy"] for run in runs),
         "peak_rss_mib": max(run["peak_rss_mib"] for run in runs),
         "runs": runs,
@@ -197,9 +199,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"machine: {report['machine']}; jax {report['jax_version']} on {report['jax_device']}")
     for kind in ("keras", "jax"):
         s = summary[kind]
+        compiled = f" (+ compile {s['compile_s']:.1f} s before it)" if s["compile_s"] else ""
         print(
             f"{kind:5s}: steady epoch {s['steady_epoch_s_median']:.2f} s (min {s['steady_epoch_s_min']:.2f}, max {s['steady_epoch_s_max']:.2f}),"
-            f" {s['steady_ms_per_step']:.1f} ms/step, first epoch {s['first_epoch_s']:.1f} s,"
+            f" {s['steady_ms_per_step']:.1f} ms/step, first epoch {s['first_epoch_s']:.1f} s{compiled},"
             f" test accuracy {s['test_accuracy']:.4f}, peak RSS {s['peak_rss_mib']:.0f} MiB"
         )
     print(f"results: {args.out}")
