@@ -12,6 +12,7 @@ of indices.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gzip
 import hashlib
 import os
@@ -57,6 +58,25 @@ CONTENT_SHA256 = {
         "t10k-labels-idx1-ubyte.gz": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34",
     },
 }
+
+
+# Order-free fingerprints of the real splits, (examples, sum of all uint8 pixel values), computed from
+# the original IDX files. A tfds data_dir (or an .npz) whose data is another data set under this name is
+# refused, instead of silently training on the wrong images.
+SPLIT_FINGERPRINTS = {
+    "mnist": {"train": (60000, 1567298545), "test": (10000, 264923200)},
+    "fashion_mnist": {"train": (60000, 3431114169), "test": (10000, 573469082)},
+}
+
+
+def check_fingerprint(images: np.ndarray, dataset: str, split: str, where: str) -> None:
+    """Raise UserError unless uint8 `images` are the whole real `split` of `dataset`."""
+    got = (len(images), int(images.sum(dtype=np.int64)))
+    if got != SPLIT_FINGERPRINTS[dataset][split]:
+        raise UserError(
+            f"{where} does not hold the real {dataset} {split} split (examples and pixel sum {got}, "
+            f"expected {SPLIT_FINGERPRINTS[dataset][split]}): delete it and prepare {dataset} again from its original files"
+        )
 
 
 def import_tf():
@@ -158,8 +178,11 @@ def prepare(dataset: str, *, data_dir: str | None = None, manual_dir: str | None
     if manual is not None:
         recompressed = check_manual_files(dataset, manual, registered)
         config = tfds.download.DownloadConfig(manual_dir=str(manual), try_download_gcs=False)
+        # tfds extracts manual files to <download_dir>/extracted/GZIP.<file name>, and MNIST and
+        # Fashion-MNIST share file names: a download dir per data set keeps one from reusing the other's.
+        download_dir = Path(builder.data_dir).parents[1] / "downloads" / f"manual-{dataset}"
         with _accept_recompressed(type(builder), recompressed):
-            builder.download_and_prepare(download_config=config)
+            builder.download_and_prepare(download_dir=str(download_dir), download_config=config)
         return builder
     # Fail in seconds rather than hang on network probes when offline.
     host = next(iter(type(builder).url_infos)).split("/")[2]
@@ -185,6 +208,7 @@ def load_split(
     """
     if arrays is not None:
         raw = _npz_split(arrays, dataset, split)
+        check_fingerprint(raw["image"], dataset, split, str(arrays))
         _check_available(num_examples, len(raw["label"]), dataset, split)
         raw = {k: v[:num_examples] for k, v in raw.items()}
     else:
@@ -205,9 +229,21 @@ def _tfds_split(
 
     builder = prepare(dataset, data_dir=data_dir, manual_dir=manual_dir)
     _check_available(num_examples, builder.info.splits[split].num_examples, dataset, split)
+    if num_examples is not None:  # a slice cannot be fingerprinted: check the (small) test split instead, once
+        _check_prepared(dataset, str(builder.data_dir))
     split_spec = split if num_examples is None else f"{split}[:{num_examples}]"
     arrays = tfds.as_numpy(builder.as_dataset(split=split_spec, batch_size=-1, shuffle_files=False))
+    if num_examples is None:
+        check_fingerprint(arrays["image"], dataset, split, f"tfds's prepared {builder.data_dir}")
     return {"image": arrays["image"], "label": arrays["label"]}
+
+
+@functools.lru_cache(maxsize=None)  # a memo of folders already checked, not state: the answer never changes
+def _check_prepared(dataset: str, builder_dir: str) -> None:
+    import tensorflow_datasets as tfds
+
+    test = tfds.as_numpy(tfds.builder_from_directory(builder_dir).as_dataset(split="test", batch_size=-1))
+    check_fingerprint(test["image"], dataset, "test", f"tfds's prepared {builder_dir}")
 
 
 def _npz_split(path: str | os.PathLike, dataset: str, split: str) -> dict[str, np.ndarray]:

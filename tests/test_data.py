@@ -3,6 +3,7 @@
 import gzip
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -126,10 +127,15 @@ FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_DIR), reason="Debian's dataset-fashion-mnist is not installed")
-def test_debian_fashion_mnist_prepares_despite_recompression(tmp_path):
-    test = data.load_split("fashion_mnist", "test", data_dir=str(tmp_path), manual_dir=FASHION_DIR)
+def test_debian_fashion_mnist_prepares_despite_recompression_beside_mnist(tmp_path, mnist_dirs):
+    # In the data_dir where MNIST was prepared first: tfds extracts manual files by file name, and both
+    # data sets name theirs alike, so a shared extraction folder once turned "fashion_mnist" into MNIST.
+    shutil.copytree(mnist_dirs["data_dir"], tmp_path / "tfds")
+    test = data.load_split("fashion_mnist", "test", data_dir=str(tmp_path / "tfds"), manual_dir=FASHION_DIR)
     assert test["image"].shape == (10_000, 28, 28, 1)
     assert np.bincount(test["label"]).tolist() == [1000] * 10
+    mnist = data.load_split("mnist", "test", data_dir=str(tmp_path / "tfds"))
+    assert not np.array_equal(test["image"], mnist["image"])
 
 
 def test_exported_arrays_equal_tfds_and_train_without_tensorflow(tmp_path, mnist_dirs):
@@ -155,3 +161,19 @@ def test_exported_arrays_equal_tfds_and_train_without_tensorflow(tmp_path, mnist
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert float(result.stdout.split()[-1]) > 0.5
+
+
+def test_another_data_set_under_a_dataset_name_is_refused(tmp_path, mnist_small):
+    # E.g. a tfds data_dir whose "fashion_mnist" was prepared from the MNIST archives: MNIST's test split posing as Fashion's.
+    _, test = mnist_small
+    mnist_test = (test["image"] * 255).round().astype(np.uint8)
+    data.check_fingerprint(mnist_test, "mnist", "test", "here")  # the real one passes
+    with pytest.raises(UserError, match="does not hold the real fashion_mnist test split"):
+        data.check_fingerprint(mnist_test, "fashion_mnist", "test", "here")
+    with pytest.raises(UserError, match="does not hold the real mnist test split"):
+        data.check_fingerprint(mnist_test[:-1], "mnist", "test", "here")
+    fake = tmp_path / "fake.npz"
+    np.savez(fake, dataset=np.array("fashion_mnist"), train_image=mnist_test, train_label=test["label"],
+             test_image=mnist_test, test_label=test["label"])  # fmt: skip
+    with pytest.raises(UserError, match=r"fake\.npz does not hold the real fashion_mnist test split"):
+        data.load_split("fashion_mnist", "test", arrays=fake)
