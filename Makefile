@@ -2,7 +2,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MANUAL_DIR ?= $(MNIST_JAX_MANUAL_DIR)
 
-.PHONY: install train test test-slow analyze bench bench-quick experiments clean
+.PHONY: install train test test-slow analyze bench bench-quick experiments speedrun clean
 
 install: $(VENV)/.installed
 
@@ -29,6 +29,18 @@ bench: install
 
 bench-quick: install
 	$(PY) -m mnist_jax.bench --quick $(if $(MANUAL_DIR),--manual-dir $(MANUAL_DIR)) $(ARGS)
+
+# Every experiment at its --quick size (< 30 min on 2 cores); run a script alone for its full size.
+# MNIST comes from $(MNIST_JAX_MANUAL_DIR) when not prepared yet; Fashion-MNIST from Debian's dataset-fashion-mnist.
+EXPERIMENTS := padding pooling filter_size batch_size seeds dropout_overfitting improved fashion
+
+experiments: install
+	@set -e; start=$$(date +%s); for name in $(EXPERIMENTS); do \
+		$(PY) experiments/$$name.py --quick $(ARGS); \
+	done; echo "make experiments: $$(( $$(date +%s) - start )) s; tables in results/*/table.md"
+
+speedrun: install
+	$(PY) experiments/speedrun.py $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs results .pytest_cache
