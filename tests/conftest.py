@@ -50,6 +50,7 @@ SLOW_TESTS = {
     "test_a_diverging_learning_rate_stops_with_exit_3_naming_the_step",
     "test_two_processes_train_like_one",
     "test_four_devices_train_like_one_and_checkpoints_move",
+    "test_an_experiment_writes_results_json_table_and_plot",
 }
 
 

@@ -1,0 +1,42 @@
+"""The experiment scripts: one runs end to end and writes its three outputs; the on-device augmentation is exact."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "experiments"))
+
+from common import augment, parse_seeds  # noqa: E402
+
+
+def test_an_experiment_writes_results_json_table_and_plot(tmp_path, mnist_dirs):
+    cmd = [sys.executable, "experiments/padding.py", "--quick", "--train-examples", "256", "--epochs", "1", "--seeds", "2",
+           "--out", str(tmp_path), "--data-dir", mnist_dirs["data_dir"], "--manual-dir", mnist_dirs["manual_dir"]]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["quick"] is True and results["seeds"] == [0, 1]
+    same, valid = results["runs"]
+    assert (same["label"], valid["label"]) == ("SAME", "VALID")
+    assert (same["params"], valid["params"]) == (3_156_098, 1_620_098)
+    assert same["shapes"]["flatten"] == [3136] and valid["shapes"]["flatten"] == [1600]
+    assert len(same["accuracy"]) == 2 and all(0.3 < a <= 1.0 for a in same["accuracy"])  # two seeds, trained above chance
+    table = (tmp_path / "table.md").read_text()
+    assert "| `VALID` | 24×24×32 | 12×12×32 | 11×11×64 | 5×5×64 | 1600 | 1,620,098 |" in table and "QUICK size" in table
+    assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_augmentation_with_no_shift_rotation_or_zoom_is_the_identity():
+    images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
+    np.testing.assert_allclose(augment(jax.random.key(1), images, 0.0, 0.0, 0.0), images, atol=1e-6)
+    moved = augment(jax.random.key(1), images, 2.0, 10.0, 0.1)
+    assert moved.shape == images.shape and not np.allclose(moved, images)
+
+
+def test_seed_lists():
+    assert parse_seeds("3") == [0, 1, 2] and parse_seeds("0,4,7") == [0, 4, 7] and parse_seeds("5,") == [5]
