@@ -101,17 +101,22 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _test_split(args: argparse.Namespace, config: Config) -> dict:
+    """The run's test split, from where the flags say the data is now, else where the run found it."""
+    from mnist_jax import data
+
+    where = {k: getattr(args, k) or getattr(config, k) for k in ("data_dir", "manual_dir", "arrays")}
+    return data.load_split(config.dataset, "test", **where)
+
+
 def _evaluate(args: argparse.Namespace) -> int:
-    from mnist_jax import checkpoint, data
+    from mnist_jax import checkpoint
     from mnist_jax.train import evaluate
 
     workdir, _ = checkpoint.find_workdir(args.workdir)
     config = Config.load(workdir / "config.json")
     state = checkpoint.restore_checkpoint(args.workdir)
-    test = data.load_split(
-        config.dataset, "test", data_dir=args.data_dir or config.data_dir, manual_dir=args.manual_dir or config.manual_dir,
-        arrays=args.arrays or config.arrays,
-    )  # fmt: skip
+    test = _test_split(args, config)
     metrics = evaluate(state, test, config.eval_batch_size)
     print(f"Test Loss : {metrics['loss']:.4f}")
     print(f"Test Accuracy : {metrics['accuracy']:.4f}")
@@ -140,10 +145,7 @@ def _analyze(args: argparse.Namespace) -> int:
     config = Config.load(workdir / "config.json")
     state = checkpoint.restore_checkpoint(args.workdir)
     history = analysis.load_history(workdir)
-    test = data.load_split(
-        config.dataset, "test", data_dir=args.data_dir or config.data_dir, manual_dir=args.manual_dir or config.manual_dir,
-        arrays=args.arrays or config.arrays,
-    )  # fmt: skip
+    test = _test_split(args, config)
     names = data.CLASS_NAMES[config.dataset]
     summary = analysis.write_analysis(
         state, test, history, workdir / "analysis",

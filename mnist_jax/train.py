@@ -152,7 +152,11 @@ def compiled_chunk(dp: DataParallel, num_steps: int, batch_size: int) -> Any:
 
 
 def resolve_steps_per_call(config: Config, steps_per_epoch: int) -> int:
-    """`config.steps_per_call`, with 0 (auto) meaning 1 on CPU and the whole epoch on accelerators."""
+    """`config.steps_per_call`, with 0 (auto) meaning 1 on CPU and the whole epoch on accelerators.
+
+    The tfdata pipeline feeds host batches one step at a time, so it always runs 1."""
+    if config.pipeline != "device":
+        return 1
     if config.steps_per_call == 0:
         return 1 if jax.default_backend() == "cpu" else steps_per_epoch
     return min(config.steps_per_call, steps_per_epoch)
@@ -375,18 +379,18 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
             if resumed_here and position["sums"]:
                 sums = {k: jnp.asarray(v, sums[k].dtype) for k, v in position["sums"].items()}
             sums = dp.put_replicated(sums)
-            if config.pipeline == "tfdata":
-                order = np.asarray(data.epoch_permutation(keys.data, epoch, num_train, config.batch_size))
-                feed = data.tf_batches(train, order[first_step:])
-                advance = lambda state, sums, start, n: host_step(state, sums, dp.put_batch(next(feed)), keys.dropout)  # noqa: E731
-            elif per_call == 1:
-                order = np.asarray(data.epoch_permutation(keys.data, epoch, num_train, config.batch_size))
-                advance = lambda state, sums, start, n: device_step(state, sums, images, labels, dp.put_batch(order[start]), keys.dropout)  # noqa: E731
-            else:
+            if per_call > 1:  # the order is drawn inside the compiled call
                 epoch_scalar = dp.put_replicated(np.int32(epoch))
                 advance = lambda state, sums, start, n: compiled_chunk(dp, n, config.batch_size)(  # noqa: E731
                     state, sums, images, labels, keys.data, epoch_scalar, dp.put_replicated(np.int32(start)), keys.dropout
                 )
+            else:
+                order = np.asarray(data.epoch_permutation(keys.data, epoch, num_train, config.batch_size))
+                if config.pipeline == "tfdata":
+                    feed = data.tf_batches(train, order[first_step:])
+                    advance = lambda state, sums, start, n: host_step(state, sums, dp.put_batch(next(feed)), keys.dropout)  # noqa: E731
+                else:
+                    advance = lambda state, sums, start, n: device_step(state, sums, images, labels, dp.put_batch(order[start]), keys.dropout)  # noqa: E731
             bar = bars.enter_context(tqdm(total=steps_per_epoch, initial=first_step, desc=f"Epoch {epoch + 1}/{config.epochs}",
                        disable=not (verbose and lead), leave=False))  # fmt: skip
             done = first_step

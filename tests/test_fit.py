@@ -62,3 +62,11 @@ def test_scanned_steps_per_call_train_the_same_model_and_resume_mid_chunk(tmp_pa
     shutil.rmtree(tmp_path / "r" / "checkpoints" / "10")  # so the newest is step 8, mid-epoch, before a 2-step chunk
     resumed, _ = fit(dataclasses.replace(every, epochs=2), resume=True, verbose=False)
     assert _leaves_equal(resumed.params, scanned.params)
+
+
+def test_tfdata_pipeline_runs_one_step_per_call_whatever_steps_per_call_says(mnist_dirs):
+    from mnist_jax.train import resolve_steps_per_call
+
+    config = Config(pipeline="tfdata", steps_per_call=4, **mnist_dirs)
+    assert resolve_steps_per_call(config, 10) == 1
+    assert resolve_steps_per_call(dataclasses.replace(config, pipeline="device"), 10) == 4
