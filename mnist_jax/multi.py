@@ -36,7 +36,7 @@ from flax.training.train_state import TrainState
 from mnist_jax import data
 from mnist_jax.config import Config
 from mnist_jax.model import IMAGE_SHAPE
-from mnist_jax.train import StepKeys, _accumulate, _eval_step, _train_step, _zero_sums, make_model
+from mnist_jax.train import StepKeys, _accumulate, _eval_step, _train_step, _zero_sums, donation_compiler_options, make_model
 
 StepFn = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
 
@@ -203,7 +203,7 @@ def _device_steps(step_fn: StepFn, states, sums, images, labels, indices, dropou
 @functools.lru_cache(maxsize=None)
 def compiled_device_steps(step_fn: StepFn = _train_step) -> Callable:
     """The jitted fit_many step for `step_fn`: (states, sums, images, labels, indices[K, B] or [B], dropout_keys[K]); old states donated."""
-    return jax.jit(functools.partial(_device_steps, step_fn), donate_argnums=(0, 1))
+    return jax.jit(functools.partial(_device_steps, step_fn), donate_argnums=(0, 1), compiler_options=donation_compiler_options())
 
 
 _SHARED_FIELDS_EXEMPT = ("seed", "learning_rate", "workdir")

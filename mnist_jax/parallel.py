@@ -53,6 +53,10 @@ class DataParallel:
     def num_devices(self) -> int:
         return self.mesh.size
 
+    @property
+    def platform(self) -> str:
+        return self.mesh.devices.flat[0].platform
+
     def batch_rows(self, global_batch: np.ndarray) -> np.ndarray:
         """This process's rows of a global batch (processes own contiguous blocks, in process order)."""
         per_process = len(global_batch) // jax.process_count()

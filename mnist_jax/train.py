@@ -143,12 +143,24 @@ def _device_train_steps(
     return state, sums
 
 
+def donation_compiler_options(platform: str | None = None) -> dict[str, Any] | None:
+    """XLA options for jitted functions that donate the train state.
+
+    On XLA:CPU, copy insertion by default copies every donated parameter that is
+    read before its in-place update (the 12.5 MB Dense kernel: an extra pass over
+    it each step); region analysis proves those copies unneeded. Measured here:
+    ~10 % per seed-recipe step. Other backends get no options."""
+    platform = jax.default_backend() if platform is None else platform
+    return {"xla_cpu_copy_insertion_use_region_analysis": True} if platform == "cpu" else None
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_chunk(dp: DataParallel, num_steps: int, batch_size: int) -> Any:
     """`_device_train_steps` jitted for a mesh and a chunk length; old state and sums donated."""
     rep = dp.replicated
     fn = functools.partial(_device_train_steps, num_steps=num_steps, batch_size=batch_size, dp=dp)
-    return jax.jit(fn, in_shardings=(rep,) * 8, out_shardings=(rep, rep), donate_argnums=(0, 1))
+    options = donation_compiler_options(dp.platform)
+    return jax.jit(fn, in_shardings=(rep,) * 8, out_shardings=(rep, rep), donate_argnums=(0, 1), compiler_options=options)
 
 
 def resolve_steps_per_call(config: Config, steps_per_epoch: int) -> int:
@@ -179,10 +191,14 @@ def enable_compilation_cache(directory: str | os.PathLike | None = None) -> Path
 def compiled_steps(dp: DataParallel) -> tuple[Any, Any, Any]:
     """The fit loop's steps for a mesh: explicit shardings (state replicated, batches split), old state donated."""
     rep, split = dp.replicated, dp.batch
+    options = donation_compiler_options(dp.platform)
     device_step = jax.jit(
-        _device_train_step, in_shardings=(rep, rep, rep, rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0, 1)
+        _device_train_step, in_shardings=(rep, rep, rep, rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0, 1),
+        compiler_options=options,
+    )  # fmt: skip
+    host_step = jax.jit(
+        _host_train_step, in_shardings=(rep, rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0, 1), compiler_options=options
     )
-    host_step = jax.jit(_host_train_step, in_shardings=(rep, rep, split, rep), out_shardings=(rep, rep), donate_argnums=(0, 1))
     sharded_eval = jax.jit(_eval_step, in_shardings=(rep, split), out_shardings=rep)
     return device_step, host_step, sharded_eval
 

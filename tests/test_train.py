@@ -86,3 +86,22 @@ def test_bfloat16_compute_keeps_float32_params():
     a = f32.apply_fn({"params": f32.params}, _batch()["image"], train=False)
     b = state.apply_fn({"params": state.params}, _batch()["image"], train=False)
     np.testing.assert_allclose(a, b, atol=0.1)
+
+
+def test_fit_step_updates_the_donated_params_in_place_without_copying_them():
+    # XLA:CPU's default copy insertion copied each donated kernel before its in-place update
+    # (the 12.5 MB Dense kernel: one extra pass per step); region analysis removes the copies.
+    import re
+
+    from mnist_jax.parallel import data_parallel
+    from mnist_jax.train import _zero_sums, compiled_steps
+
+    dp = data_parallel(1)
+    state = dp.put_replicated(create_train_state(jax.random.key(0), Config()))
+    images, labels = jnp.zeros((64, 28, 28, 1)), jnp.zeros(64, jnp.int32)
+    device_step = compiled_steps(dp)[0]
+    compiled = device_step.lower(state, _zero_sums(), images, labels, jnp.arange(32), jax.random.key(1)).compile()
+    entry = compiled.as_text().split("ENTRY", 1)[1]
+    copied = re.findall(r"= (f32\[[\d,]+\])\{[\d,]*\} copy\(", entry)
+    assert "f32[3136,1000]" not in copied, copied
+    assert copied == []
