@@ -1,9 +1,9 @@
 """speedrun: training time to 99 % and 99.25 % MNIST test accuracy, on whatever device JAX runs on.
 
 Changes from the seed recipe, all of them allowed by the speedrun rules and reported here: a
-smaller CNN (Conv3x3·w → pool → Conv3x3·2w → pool → Dense 10, no Dense 1000), batch 512, Adam
-with a one-cycle schedule (warm up for 25 % of the steps, cosine down), label smoothing 0.1, no
-dropout. The whole training set sits on the device; model k of `--seeds` is trained on its own
+smaller CNN (Conv3x3·w → pool → Conv3x3·2w → pool → Dense h → Dense 10: 3x3 kernels, a Dense 128
+instead of 1000), batch 128, Adam with a one-cycle schedule (warm up for 25 % of the steps, cosine
+down), label smoothing 0.1, no dropout, 3 epochs. The whole training set sits on the device; model k of `--seeds` is trained on its own
 (one model at a time, so the time is one model's). The test set is evaluated after every epoch,
 outside the clock: time-to-X is the training time up to the end of the first epoch whose test
 accuracy reaches X. Compilation is timed apart (and cached on disk for the next run).
@@ -26,6 +26,7 @@ TARGETS = (0.99, 0.9925)
 
 class SpeedrunCNN(nn.Module):
     width: int = 32
+    hidden: int = 128
     dtype: str = "float32"
 
     @nn.compact
@@ -33,16 +34,19 @@ class SpeedrunCNN(nn.Module):
         x = images.astype(self.dtype)
         for i, features in enumerate((self.width, 2 * self.width)):
             x = Pool2x2("max")(nn.relu(Conv(features, 3, dtype=self.dtype, name=f"conv{i + 1}")(x)))
-        return nn.Dense(10, dtype=self.dtype)(Flatten()(x)).astype(jnp.float32)
+        x = Flatten()(x)
+        if self.hidden:
+            x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
+        return nn.Dense(10, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-args = parse_args(__doc__, full=dict(epochs=4, batch_size=512, peak_learning_rate=4e-3, width=32, dtype="float32", label_smoothing=0.1),
+args = parse_args(__doc__, full=dict(epochs=3, batch_size=128, peak_learning_rate=3e-3, width=32, hidden=128, dtype="float32", label_smoothing=0.1),
                   quick=dict(epochs=2), seeds="5", quick_seeds="1")  # fmt: skip
 run = Run(args)
 train, test = load(args)
 steps = len(train["label"]) // args.batch_size
 optimizer = optax.adam(optax.cosine_onecycle_schedule(args.epochs * steps, args.peak_learning_rate, pct_start=0.25), eps=1e-7)
-model = SpeedrunCNN(args.width, args.dtype)
+model = SpeedrunCNN(args.width, args.hidden, args.dtype)
 results, rows = [], []
 for seed in args.seeds:
     config = Config(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, seed=seed, eval_batch_size=2000)
