@@ -28,7 +28,7 @@ from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from mnist_jax.config import UserError
+from mnist_jax.config import EVAL_BATCH_SIZE, UserError
 
 # Layers whose outputs `feature_maps` returns, in call order.
 FEATURE_LAYERS = ("conv1", "pool1", "conv2", "pool2")
@@ -49,7 +49,7 @@ def _name(class_names: Sequence[str] | None, index: int) -> str:
 # --- predictions -------------------------------------------------------------
 
 
-def predict_probabilities(state: Any, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+def predict_probabilities(state: Any, images: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
     """Class probabilities float32[N, classes] for images float32[N, 28, 28, 1], in batches.
 
     The last batch is padded to the batch size so the jitted `predict` compiles
@@ -72,7 +72,7 @@ def predict_probabilities(state: Any, images: np.ndarray, batch_size: int = 1000
     return np.concatenate(out)
 
 
-def predict_labels(state: Any, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+def predict_labels(state: Any, images: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
     """Predicted class int32[N] (argmax of `predict_probabilities`)."""
     return predict_probabilities(state, images, batch_size).argmax(axis=-1).astype(np.int32)
 
@@ -454,7 +454,7 @@ def write_analysis(
     class_names: Sequence[str] | None = None,
     seed: int = 0,
     feature_index: int = 0,
-    batch_size: int = 1000,
+    batch_size: int = EVAL_BATCH_SIZE,
     title: str | None = None,
 ) -> dict[str, Any]:
     """Write curves.png, predictions.npz, wrong.json, wrong_grid.png, confusion.png, filters.png,

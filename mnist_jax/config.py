@@ -23,6 +23,11 @@ class UserError(Exception):
     """Bad input from the user: reported as one line and a non-zero exit, no traceback."""
 
 
+# Evaluation batch: on XLA:CPU 10,000 test images took 1.4 s in batches of 200 and 1.9 s in
+# batches of 1,000 (activations of a smaller batch stay in cache); accelerators hardly care.
+EVAL_BATCH_SIZE = 200
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The seed CNN's architecture; experiments vary these fields."""
@@ -53,7 +58,7 @@ class Config:
     # the compiled step (fast path). "tfdata": a tf.data pipeline feeding host batches.
     pipeline: str = "device"
     compute_dtype: str = "float32"  # "bfloat16": bf16 activations, f32 params/optimizer
-    eval_batch_size: int = 1000
+    eval_batch_size: int = EVAL_BATCH_SIZE
     workdir: str | None = None
     data_dir: str | None = None
     manual_dir: str | None = None

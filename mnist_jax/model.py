@@ -34,11 +34,14 @@ class Pool2x2(nn.Module):
 
 
 class Conv(nn.Module):
-    """A stride-1 2-D convolution computed as one matmul over shifted views of the input.
+    """A stride-1 2-D convolution with `nn.Conv`'s parameters (kernel [k, k, in, out], bias [out]).
 
-    Same parameters as `nn.Conv` (kernel [k, k, in, out], bias [out]) and the same
-    result up to float summation order. On XLA:CPU the gradients of this form (plain
-    matmuls) ran faster than those of `conv_general_dilated` for the seed's layers.
+    For training it is one matmul over shifted views of the input: on XLA:CPU the
+    gradients of that form (plain matmuls) ran ~10 % faster per seed-recipe step than
+    those of `conv_general_dilated`. Without gradients (`train=False`: evaluation,
+    prediction) it is XLA's own convolution, which ran faster forward-only here
+    (10,000 test images: 1.4 s vs 2.3 s). Both give the same result up to float
+    summation order.
     """
 
     features: int
@@ -48,17 +51,20 @@ class Conv(nn.Module):
     kernel_init: Any = nn.initializers.glorot_uniform()
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
         k, channels = self.kernel_size, x.shape[-1]
-        kernel = self.param("kernel", self.kernel_init, (k, k, channels, self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        if self.padding == "SAME":  # TensorFlow's split: the extra row/column goes after
+        kernel = self.param("kernel", self.kernel_init, (k, k, channels, self.features)).astype(self.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
+        x = x.astype(self.dtype)
+        if not train:  # 'SAME' pads as TensorFlow does: the extra row/column goes after
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+            return y + bias
+        if self.padding == "SAME":
             before, after = (k - 1) // 2, (k - 1) - (k - 1) // 2
             x = jnp.pad(x, ((0, 0), (before, after), (before, after), (0, 0)))
         height, width = x.shape[1] - k + 1, x.shape[2] - k + 1
         patches = jnp.concatenate([x[:, i : i + height, j : j + width, :] for i in range(k) for j in range(k)], axis=-1)
-        y = patches.astype(self.dtype) @ kernel.reshape(k * k * channels, self.features).astype(self.dtype)
-        return y + bias.astype(self.dtype)
+        return patches @ kernel.reshape(k * k * channels, self.features) + bias
 
 
 class Flatten(nn.Module):
@@ -100,9 +106,9 @@ class CNN(nn.Module):
             features, dtype=self.dtype, kernel_init=self.kernel_init, name=name
         )
         x = images.astype(self.dtype)
-        x = nn.relu(conv(self.conv1_features, self.conv1_kernel, "conv1")(x))
+        x = nn.relu(conv(self.conv1_features, self.conv1_kernel, "conv1")(x, train))
         x = Pool2x2(self.pool, name="pool1")(x)
-        x = nn.relu(conv(self.conv2_features, self.conv2_kernel, "conv2")(x))
+        x = nn.relu(conv(self.conv2_features, self.conv2_kernel, "conv2")(x, train))
         x = Pool2x2(self.pool, name="pool2")(x)
         x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
         x = Flatten(name="flatten")(x)

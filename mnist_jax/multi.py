@@ -34,7 +34,7 @@ import optax
 from flax.training.train_state import TrainState
 
 from mnist_jax import data
-from mnist_jax.config import Config
+from mnist_jax.config import EVAL_BATCH_SIZE, Config
 from mnist_jax.model import IMAGE_SHAPE
 from mnist_jax.train import StepKeys, _accumulate, _eval_step, _train_step, _zero_sums, donation_compiler_options, make_model
 
@@ -117,13 +117,23 @@ def _batch_axis(batch: dict) -> int | None:
     return 0 if batch["image"].ndim == len(IMAGE_SHAPE) + 2 else None
 
 
-def map_models(fn: Callable, in_axes: Sequence[int | None], *args: Any) -> Any:
+def map_models(fn: Callable, in_axes: Sequence[int | None], *args: Any, sequential: bool = False) -> Any:
     """`jax.vmap(fn, in_axes)(*args)`; for a single model, `fn` on the squeezed arguments (same result).
 
     XLA:CPU runs the unbatched matmuls of one model faster than a batch of one (measured ~1.3x), so K=1
-    costs what `train_step` costs.
+    costs what `train_step` costs. `sequential=True` runs the models one after another in a `lax.map`
+    instead (for forward passes: the CNN then evaluates with XLA's convolution, which vmapped over
+    models would become a grouped convolution, several times slower on XLA:CPU).
     """
     k = jax.tree.leaves(next(a for a, axis in zip(args, in_axes) if axis == 0))[0].shape[0]
+    if k != 1 and sequential:
+        mapped = [a for a, axis in zip(args, in_axes) if axis == 0]
+
+        def one(xs):
+            it = iter(xs)
+            return fn(*[next(it) if axis == 0 else a for a, axis in zip(args, in_axes)])
+
+        return jax.lax.map(one, mapped)
     if k != 1:
         return jax.vmap(fn, in_axes=tuple(in_axes))(*args)
     squeezed = [jax.tree.map(lambda x: x[0], a) if axis == 0 else a for a, axis in zip(args, in_axes)]
@@ -146,7 +156,7 @@ train_steps.__doc__ = """One Adam step for each of K stacked models: (states, ba
 
 
 def _eval_steps(states: TrainState, batch: dict) -> dict:
-    return map_models(_eval_step, (0, _batch_axis(batch)), states, batch)
+    return map_models(_eval_step, (0, _batch_axis(batch)), states, batch, sequential=True)
 
 
 eval_steps = jax.jit(_eval_steps)
@@ -155,7 +165,8 @@ eval_steps.__doc__ = """`eval_step` for K stacked models on one shared batch (or
 
 @jax.jit
 def _predict_many(states: TrainState, images: jax.Array) -> jax.Array:
-    return map_models(lambda s: jax.nn.softmax(s.apply_fn({"params": s.params}, images, train=False)), (0,), states)
+    predict = lambda s: jax.nn.softmax(s.apply_fn({"params": s.params}, images, train=False))  # noqa: E731
+    return map_models(predict, (0,), states, sequential=True)
 
 
 def _padded_batches(arrays: dict[str, Any], batch_size: int):
@@ -168,7 +179,7 @@ def _padded_batches(arrays: dict[str, Any], batch_size: int):
         yield {"image": images[window], "label": labels[window], "mask": mask[window]}
 
 
-def evaluate_many(states: TrainState, arrays: dict[str, Any], batch_size: int = 1000) -> dict[str, np.ndarray]:
+def evaluate_many(states: TrainState, arrays: dict[str, Any], batch_size: int = EVAL_BATCH_SIZE) -> dict[str, np.ndarray]:
     """Loss and accuracy of each model over every example of `arrays` (last batch padded and masked): arrays of shape [K]."""
     n = len(arrays["label"])
     loss = correct = 0.0
@@ -179,7 +190,7 @@ def evaluate_many(states: TrainState, arrays: dict[str, Any], batch_size: int = 
     return {"loss": np.asarray(loss) / n, "accuracy": np.asarray(correct) / n}
 
 
-def predict_many(states: TrainState, images: np.ndarray, batch_size: int = 1000) -> np.ndarray:
+def predict_many(states: TrainState, images: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
     """Class probabilities of each model: float32[K, N, classes]. `.mean(0)` is the ensemble's."""
     n = len(images)
     chunks = [

@@ -29,7 +29,7 @@ from flax.training.train_state import TrainState
 from tqdm.auto import tqdm
 
 from mnist_jax import checkpoint, data
-from mnist_jax.config import Config, UserError
+from mnist_jax.config import EVAL_BATCH_SIZE, Config, UserError
 from mnist_jax.model import CNN, IMAGE_SHAPE, summary
 from mnist_jax.parallel import DataParallel, check_divisible, data_parallel
 
@@ -203,7 +203,7 @@ def compiled_steps(dp: DataParallel) -> tuple[Any, Any, Any]:
     return device_step, host_step, sharded_eval
 
 
-def evaluate(state: TrainState, arrays: dict[str, Any], batch_size: int = 1000, dp: DataParallel | None = None) -> dict[str, float]:
+def evaluate(state: TrainState, arrays: dict[str, Any], batch_size: int = EVAL_BATCH_SIZE, dp: DataParallel | None = None) -> dict[str, float]:
     """Loss and accuracy over every example of `arrays`; the last batch is padded and masked, never dropped.
 
     With `dp`, each batch is split over the mesh (the batch is rounded up to a multiple of its devices).

@@ -66,7 +66,8 @@ def test_matmul_conv_equals_flax_conv(kernel, padding):
     ours = Conv(6, kernel, padding=padding)
     params = ours.init(jax.random.key(1), x)
     reference = nn.Conv(6, (kernel, kernel), padding=padding).apply(params, x)  # same parameter tree
-    assert jnp.allclose(ours.apply(params, x), reference, atol=1e-5)
+    assert jnp.allclose(ours.apply(params, x), reference, atol=1e-5)  # the matmul form, for training
+    assert jnp.allclose(ours.apply(params, x, train=False), reference, atol=1e-5)  # XLA's convolution, for inference
     grads = jax.grad(lambda p: (ours.apply(p, x) ** 2).sum())(params)
     ref_grads = jax.grad(lambda p: (nn.Conv(6, (kernel, kernel), padding=padding).apply(p, x) ** 2).sum())(params)
     assert all(jnp.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))

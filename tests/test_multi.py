@@ -9,6 +9,7 @@ from mnist_jax import Config, ModelConfig, create_train_state, evaluate, train_s
 from mnist_jax.data import epoch_permutation
 from mnist_jax.multi import (
     create_train_states,
+    eval_steps,
     evaluate_many,
     fit_many,
     get_learning_rates,
@@ -101,6 +102,13 @@ def test_evaluate_and_predict_many_match_single_model_functions():
         np.testing.assert_allclose(many["accuracy"][i], single["accuracy"], rtol=1e-6)
         np.testing.assert_allclose(many["loss"][i], single["loss"], rtol=1e-5)
         np.testing.assert_allclose((probs[i].argmax(-1) == data["label"]).mean(), single["accuracy"], rtol=1e-6)
+    # one batch per model ([K, B, ...]): model i sees only its own images
+    per_model = {"image": np.stack([data["image"][:32], data["image"][32:64]]), "label": np.stack([data["label"][:32], data["label"][32:64]])}
+    m = eval_steps(states, per_model)
+    for i in range(2):
+        single = evaluate(unstack(states, i), {k: v[i] for k, v in per_model.items()}, batch_size=32)
+        np.testing.assert_allclose(m["accuracy"][i], single["accuracy"], rtol=1e-6)
+        np.testing.assert_allclose(m["loss"][i], single["loss"], rtol=1e-5)
 
 
 def test_learning_rates_and_config_checks():
