@@ -85,20 +85,29 @@ def test_two_processes_train_like_one(tmp_path, mnist_dirs):
     with socket.socket() as sock:  # a free port for the coordinator
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "mnist_jax", "train", *flags, "--workdir", str(tmp_path / "multi"),
-             "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-        )  # fmt: skip
-        for i in range(2)
-    ]
+    # Each process writes to its own files, not pipes: a pipe that is read only after the other process
+    # has finished blocks its writer once full (64 KiB), mid-collective, and so hangs both.
+    logs = [(tmp_path / f"process{i}.out", tmp_path / f"process{i}.err") for i in range(2)]
+    procs = []
+    for i, (out, err) in enumerate(logs):
+        with out.open("w") as stdout, err.open("w") as stderr:
+            procs.append(subprocess.Popen(
+                [sys.executable, "-m", "mnist_jax", "train", *flags, "--workdir", str(tmp_path / "multi"),
+                 "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                cwd=REPO, env=env, stdout=stdout, stderr=stderr,
+            ))  # fmt: skip
     try:
-        outputs = [p.communicate(timeout=300) for p in procs]
+        timed_out = False
+        for p in procs:
+            p.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        timed_out = True
     finally:
         for p in procs:
             p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    outputs = [(out.read_text(), err.read_text()) for out, err in logs]
+    tails = "\n".join(f"--- process {i} stderr:\n{err[-2000:]}" for i, (_, err) in enumerate(outputs))
+    assert not timed_out and [p.returncode for p in procs] == [0, 0], tails
     assert "Test Accuracy" in outputs[0][0] and "Test Accuracy" not in outputs[1][0]  # only process 0 prints
     one = json.loads((tmp_path / "single" / "metrics.json").read_text())
     two = json.loads((tmp_path / "multi" / "metrics.json").read_text())
