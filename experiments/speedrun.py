@@ -3,10 +3,11 @@
 Changes from the seed recipe, all of them allowed by the speedrun rules and reported here: a
 smaller CNN (Conv3x3·w → pool → Conv3x3·2w → pool → Dense h → Dense 10: 3x3 kernels, a Dense 128
 instead of 1000), batch 128, Adam with a one-cycle schedule (warm up for 25 % of the steps, cosine
-down), label smoothing 0.1, no dropout, 3 epochs. The whole training set sits on the device; model k of `--seeds` is trained on its own
-(one model at a time, so the time is one model's). The test set is evaluated after every epoch,
-outside the clock: time-to-X is the training time up to the end of the first epoch whose test
-accuracy reaches X. Compilation is timed apart (and cached on disk for the next run).
+down), label smoothing 0.1, no dropout, 3 epochs. The whole training set sits on the device; model
+k of `--seeds` is trained on its own (one model at a time, so the time is one model's). The test
+set is evaluated after every epoch, outside the clock: time-to-X is the training time up to the
+end of the first epoch whose test accuracy reaches X. Compilation is timed apart (and cached on
+disk for the next run).
 """
 
 import statistics

@@ -56,7 +56,8 @@ class Conv(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (k, k, channels, self.features)).astype(self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         x = x.astype(self.dtype)
-        if not train:  # 'SAME' pads as TensorFlow does: the extra row/column goes after
+        # 'SAME' pads as TensorFlow does, in both forms: the extra row/column goes after.
+        if not train:
             y = jax.lax.conv_general_dilated(x, kernel, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
             return y + bias
         if self.padding == "SAME":

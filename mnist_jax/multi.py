@@ -36,7 +36,16 @@ from flax.training.train_state import TrainState
 from mnist_jax import data
 from mnist_jax.config import EVAL_BATCH_SIZE, Config
 from mnist_jax.model import IMAGE_SHAPE
-from mnist_jax.train import StepKeys, _accumulate, _eval_step, _train_step, _zero_sums, donation_compiler_options, make_model
+from mnist_jax.train import (
+    StepKeys,
+    _accumulate,
+    _eval_step,
+    _train_step,
+    _zero_sums,
+    donation_compiler_options,
+    make_model,
+    predict,
+)
 
 StepFn = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
 
@@ -165,8 +174,7 @@ eval_steps.__doc__ = """`eval_step` for K stacked models on one shared batch (or
 
 @jax.jit
 def _predict_many(states: TrainState, images: jax.Array) -> jax.Array:
-    predict = lambda s: jax.nn.softmax(s.apply_fn({"params": s.params}, images, train=False))  # noqa: E731
-    return map_models(predict, (0,), states, sequential=True)
+    return map_models(lambda state: predict(state, images), (0,), states, sequential=True)
 
 
 def _padded_batches(arrays: dict[str, Any], batch_size: int):
