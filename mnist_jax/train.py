@@ -314,6 +314,10 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
     included, and ends with the same parameters as an uninterrupted run. SIGTERM/SIGINT
     finish the current step, save a checkpoint and raise `Preempted`; a non-finite loss
     raises `NonFiniteLoss` without saving.
+
+    `history` holds, per epoch: loss and accuracy (running means over the epoch's steps),
+    val_loss, val_accuracy, epoch_time_s (steps, validation and checkpoint) and train_time_s
+    (the steps alone); and compile_time_s (before the clock starts) and fit_time_s.
     """
     config.validate()
     dp = data_parallel(config.devices)
@@ -334,12 +338,12 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
     keys = StepKeys.from_seed(config.seed)
     state = dp.put_replicated(create_train_state(keys.init, config))
     manager = checkpoint.make_manager(workdir / "checkpoints", config.keep_checkpoints)
-    history: dict[str, Any] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "epoch_time_s": []}
+    history: dict[str, Any] = {"loss": [], "accuracy": [], "val_loss": [], "val_accuracy": [], "epoch_time_s": [], "train_time_s": []}
     position = {"epoch": 0, "step_in_epoch": 0, "sums": None, "fit_time_s": 0.0, "epoch_time_s": 0.0}
     if resume:
         state, meta = checkpoint.restore_latest(manager, state)
         checkpoint.discard_newer(manager, int(state.step))  # unreadable ones skipped above: this run rewrites them
-        history = meta["history"]
+        history = {"train_time_s": [], **meta["history"]}  # checkpoints written before train_time_s existed
         position.update({k: meta[k] for k in position if k in meta})
         say(f"Resumed from {manager.directory} at step {int(state.step)} (epoch {position['epoch'] + 1}, step {position['step_in_epoch']} of {steps_per_epoch})")
     elif lead:
@@ -429,12 +433,13 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
                     bar.set_postfix(running, refresh=False)
                     bar.update(done - bar.n)
             bar.close()
-            _raise_if_nonfinite(sums, manager)
+            _raise_if_nonfinite(sums, manager)  # a host sync: the epoch's steps have run
+            train_seconds = time.perf_counter() - epoch_start
             val = evaluate(state, test, config.eval_batch_size, dp)
             row = {"loss": float(sums["loss"]) / steps_per_epoch, "accuracy": float(sums["accuracy"]) / steps_per_epoch}
             row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             seconds = time.perf_counter() - epoch_start
-            for key, value in {**row, "epoch_time_s": seconds}.items():
+            for key, value in {**row, "epoch_time_s": seconds, "train_time_s": train_seconds}.items():
                 history[key].append(value)
             say(_epoch_line(epoch + 1, config.epochs, seconds, row))
             save(epoch + 1, 0, dp.put_replicated(_zero_sums()), 0.0, metrics=val)
