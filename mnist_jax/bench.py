@@ -2,11 +2,17 @@
 
     python -m mnist_jax.bench           # the seed recipe, 5 epochs each, repeated and interleaved
     python -m mnist_jax.bench --quick   # a few hundred steps each, under 3 minutes on 2 cores
+    python -m mnist_jax.bench --jax-only --arrays mnist.npz [--dtype bfloat16]   # GPU/TPU: no Keras, no TensorFlow
 
 Each side runs in its own process (so peak memory and threads are its own),
 alternating Keras, JAX, Keras, JAX, ... The first epoch of every run holds
 compilation/warm-up and is reported apart; steady-state epochs are compared.
 The last line printed is `speedup_vs_keras=X` (median Keras epoch / median JAX epoch).
+With --jax-only (for machines without TensorFlow: data from an .npz made by
+`python -m mnist_jax export`), only mnist_jax runs, on whatever device JAX sees, and
+the last line is `jax_train_time_s=X`: the training steps of all epochs, validation,
+checkpoints and compilation excluded (median over runs; the first run fills the
+persistent compilation cache, later ones read it).
 """
 
 from __future__ import annotations
@@ -81,31 +87,39 @@ def _jax_worker(args: argparse.Namespace) -> dict[str, Any]:
     """mnist_jax's normal training path: `fit` with the seed config."""
     import tempfile
 
-    from mnist_jax import Config, fit
+    import jax
 
+    from mnist_jax import Config, fit
+    from mnist_jax.train import enable_compilation_cache
+
+    enable_compilation_cache()  # as `python -m mnist_jax train` does; compilation is timed apart anyway
     with tempfile.TemporaryDirectory() as workdir:
         config = Config(
             epochs=args.epochs, batch_size=args.batch_size, seed=args.seed, train_examples=args.train_examples,
-            workdir=workdir, data_dir=args.data_dir, manual_dir=args.manual_dir,
+            workdir=workdir, data_dir=args.data_dir, manual_dir=args.manual_dir, arrays=args.arrays,
+            compute_dtype=args.dtype,
         )  # fmt: skip
         _, history = fit(config, verbose=False)
         accuracy = json.loads((Path(workdir) / "metrics.json").read_text())["test_accuracy"]
-    return {"epoch_time_s": history["epoch_time_s"], "fit_time_s": history["fit_time_s"], "test_accuracy": accuracy,
-            "compile_time_s": history["compile_time_s"]}  # fmt: skip
+    keep = ("epoch_time_s", "train_time_s", "fit_time_s", "compile_time_s")
+    device = jax.devices()[0]
+    return {**{k: history[k] for k in keep}, "test_accuracy": accuracy, "jax_version": jax.__version__,
+            "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})"}  # fmt: skip
 
 
 def _load(args: argparse.Namespace):
     from mnist_jax import data
 
-    train = data.load_split("mnist", "train", num_examples=args.train_examples, data_dir=args.data_dir, manual_dir=args.manual_dir)
-    test = data.load_split("mnist", "test", data_dir=args.data_dir, manual_dir=args.manual_dir)
+    where = {"data_dir": args.data_dir, "manual_dir": args.manual_dir, "arrays": args.arrays}
+    train = data.load_split("mnist", "train", num_examples=args.train_examples, **where)
+    test = data.load_split("mnist", "test", **where)
     return train, test
 
 
 def _run_worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, "-m", "mnist_jax.bench", "--worker", kind, "--epochs", str(args.epochs), "--seed", str(args.seed)]
-    cmd += ["--batch-size", str(args.batch_size)]
-    for flag in ("train_examples", "data_dir", "manual_dir"):
+    cmd += ["--batch-size", str(args.batch_size), "--dtype", args.dtype]
+    for flag in ("train_examples", "data_dir", "manual_dir", "arrays"):
         value = getattr(args, flag)
         if value is not None:
             cmd += [f"--{flag.replace('_', '-')}", str(value)]
@@ -128,8 +142,8 @@ def _machine() -> str:
 
 
 def _summarise(runs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
-    steady = [t for run in runs for t in run["epoch_time_s"][1:]]
     first = [run["epoch_time_s"][0] for run in runs]
+    steady = [t for run in runs for t in run["epoch_time_s"][1:]] or first  # a one-epoch run has only its first
     median = statistics.median(steady)
     return {
         "steady_epoch_s_median": median,
@@ -144,13 +158,25 @@ def _summarise(runs: list[dict[str, Any]], steps: int) -> dict[str, Any]:
     }
 
 
+def _print_summary(kind: str, s: dict[str, Any]) -> None:
+    compiled = f" (+ compile {s['compile_s']:.1f} s before it)" if s["compile_s"] else ""
+    print(
+        f"{kind:5s}: steady epoch {s['steady_epoch_s_median']:.2f} s (min {s['steady_epoch_s_min']:.2f}, max {s['steady_epoch_s_max']:.2f}),"
+        f" {s['steady_ms_per_step']:.1f} ms/step, first epoch {s['first_epoch_s']:.1f} s{compiled},"
+        f" test accuracy {s['test_accuracy']:.4f}, peak RSS {s['peak_rss_mib']:.0f} MiB"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist_jax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="300 steps per epoch, 2 epochs, one run each")
+    parser.add_argument("--jax-only", action="store_true", help="mnist_jax alone (no Keras, no TensorFlow needed with --arrays)")
     parser.add_argument("--repeats", type=int, default=None, help="runs of each side, interleaved (default: 2, quick: 1)")
     parser.add_argument("--out", default="results/bench.json", help="JSON results (default: %(default)s)")
     parser.add_argument("--data-dir")
     parser.add_argument("--manual-dir")
+    parser.add_argument("--arrays", metavar="NPZ", help="read MNIST from this .npz (`python -m mnist_jax export`) instead of tfds")
+    parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="mnist_jax's compute dtype (bfloat16: --jax-only)")
     parser.add_argument("--worker", choices=["keras", "jax"], help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=5, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=32, help=argparse.SUPPRESS)
@@ -163,50 +189,57 @@ def main(argv: list[str] | None = None) -> int:
         result["peak_rss_mib"] = _peak_rss_mib()
         print(json.dumps(result))
         return 0
+    if args.dtype != "float32" and not args.jax_only:
+        parser.error("--dtype bfloat16 needs --jax-only: the Keras reference computes in float32")
 
     if args.quick:
         args.epochs, args.train_examples = 2, 300 * args.batch_size
     repeats = args.repeats or (1 if args.quick else 2)
     steps = (args.train_examples or 60_000) // args.batch_size
-    print(f"bench: {'quick' if args.quick else 'full'}: {repeats} interleaved run(s) of each, {args.epochs} epochs of {steps} steps")
-    runs: dict[str, list[dict[str, Any]]] = {"keras": [], "jax": []}
+    kinds = ("jax",) if args.jax_only else ("keras", "jax")
+    print(f"bench: {'quick' if args.quick else 'full'}: {repeats} {'interleaved ' if len(kinds) > 1 else ''}run(s) of {' and '.join(kinds)},"
+          f" {args.epochs} epochs of {steps} steps, batch {args.batch_size}, {args.dtype}", flush=True)  # fmt: skip
+    runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for repeat in range(repeats):
-        for kind in ("keras", "jax"):
+        for kind in kinds:
             run = _run_worker(kind, args)
             runs[kind].append(run)
             epochs = ", ".join(f"{t:.1f}" for t in run["epoch_time_s"])
-            print(f"  {kind:5s} run {repeat + 1}: epochs [{epochs}] s, test accuracy {run['test_accuracy']:.4f}, peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)
+            steps_only = f", steps only [{', '.join(f'{t:.2f}' for t in run['train_time_s'])}] s" if "train_time_s" in run else ""
+            print(f"  {kind:5s} run {repeat + 1}: epochs [{epochs}] s{steps_only}, test accuracy {run['test_accuracy']:.4f},"
+                  f" peak RSS {run['peak_rss_mib']:.0f} MiB", flush=True)  # fmt: skip
     summary = {kind: _summarise(r, steps) for kind, r in runs.items()}
-    import jax
-
-    speedup = summary["keras"]["steady_epoch_s_median"] / summary["jax"]["steady_epoch_s_median"]
-    per_pair = [k / j for rk, rj in zip(runs["keras"], runs["jax"]) for k, j in zip(rk["epoch_time_s"][1:], rj["epoch_time_s"][1:])]
+    jax_run = runs["jax"][-1]
     report = {
-        "mode": "quick" if args.quick else "full",
+        "mode": ("quick" if args.quick else "full") + (", jax only" if args.jax_only else ""),
         "machine": _machine(),
-        "jax_device": str(jax.devices()[0].device_kind),
-        "jax_version": jax.__version__,
+        "jax_device": jax_run["device"],
+        "jax_version": jax_run["jax_version"],
+        "dtype": args.dtype,
         "epochs": args.epochs,
         "steps_per_epoch": steps,
         "repeats": repeats,
-        "speedup_vs_keras": speedup,
-        "speedup_min": min(per_pair),
-        "speedup_max": max(per_pair),
         **summary,
     }
+    if args.jax_only:
+        totals = [sum(run["train_time_s"]) for run in runs["jax"]]
+        report["jax_train_time_s"] = statistics.median(totals)
+    else:
+        per_pair = [k / j for rk, rj in zip(runs["keras"], runs["jax"]) for k, j in zip(rk["epoch_time_s"][1:], rj["epoch_time_s"][1:])]
+        report["speedup_vs_keras"] = summary["keras"]["steady_epoch_s_median"] / summary["jax"]["steady_epoch_s_median"]
+        report["speedup_min"], report["speedup_max"] = min(per_pair), max(per_pair)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(f"machine: {report['machine']}; jax {report['jax_version']} on {report['jax_device']}")
-    for kind in ("keras", "jax"):
-        s = summary[kind]
-        compiled = f" (+ compile {s['compile_s']:.1f} s before it)" if s["compile_s"] else ""
-        print(
-            f"{kind:5s}: steady epoch {s['steady_epoch_s_median']:.2f} s (min {s['steady_epoch_s_min']:.2f}, max {s['steady_epoch_s_max']:.2f}),"
-            f" {s['steady_ms_per_step']:.1f} ms/step, first epoch {s['first_epoch_s']:.1f} s{compiled},"
-            f" test accuracy {s['test_accuracy']:.4f}, peak RSS {s['peak_rss_mib']:.0f} MiB"
-        )
+    for kind in kinds:
+        _print_summary(kind, summary[kind])
     print(f"results: {args.out}")
-    print(f"speedup_vs_keras={speedup:.2f}")
+    if args.jax_only:
+        compiles = ", ".join(f"{run['compile_time_s']:.1f}" for run in runs["jax"])
+        print(f"jax  : {args.epochs} epochs of training steps {', '.join(f'{t:.2f}' for t in totals)} s per run; compile {compiles} s per run")
+        print(f"jax_train_time_s={report['jax_train_time_s']:.2f}")
+    else:
+        print(f"speedup_vs_keras={report['speedup_vs_keras']:.2f}")
     return 0
 
 
