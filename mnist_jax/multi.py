@@ -45,6 +45,7 @@ from mnist_jax.train import (
     donation_compiler_options,
     make_model,
     predict,
+    resolve_steps_per_call,
 )
 
 StepFn = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
@@ -219,10 +220,26 @@ def _device_steps(step_fn: StepFn, states, sums, images, labels, indices, dropou
     return map_models(one, (0, 0, 0 if indices.ndim == 2 else None, 0), states, sums, indices, dropout_keys)
 
 
+def _device_step_chunk(step_fn: StepFn, states, sums, images, labels, indices, dropout_keys):
+    """`_device_steps` over indices[n, ...] (n steps) under one `lax.scan`: n steps per compiled call."""
+
+    def body(carry, step_indices):
+        return _device_steps(step_fn, *carry, images, labels, step_indices, dropout_keys), None
+
+    (states, sums), _ = jax.lax.scan(body, (states, sums), indices)
+    return states, sums
+
+
 @functools.lru_cache(maxsize=None)
 def compiled_device_steps(step_fn: StepFn = _train_step) -> Callable:
     """The jitted fit_many step for `step_fn`: (states, sums, images, labels, indices[K, B] or [B], dropout_keys[K]); old states donated."""
     return jax.jit(functools.partial(_device_steps, step_fn), donate_argnums=(0, 1), compiler_options=donation_compiler_options())
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_device_chunk(step_fn: StepFn = _train_step) -> Callable:
+    """`compiled_device_steps` for n steps per call: indices[n, K, B] or [n, B]; one program per n."""
+    return jax.jit(functools.partial(_device_step_chunk, step_fn), donate_argnums=(0, 1), compiler_options=donation_compiler_options())
 
 
 _SHARED_FIELDS_EXEMPT = ("seed", "learning_rate", "workdir")
@@ -255,7 +272,8 @@ def fit_many(
     (`test` None: no validation). `model`, `optimizer` and `step_fn` (a function like
     `mnist_jax.train._train_step`) replace the library's defaults for the whole group. With
     `eval_train`, each epoch also evaluates every model on its training set in eval mode (no dropout).
-    With `shared_order`, all models see the batches of configs[0]'s data order.
+    With `shared_order`, all models see the batches of configs[0]'s data order. Steps are dispatched
+    `config.steps_per_call` at a time, as in `fit` (auto: one on CPU, a whole epoch under `lax.scan` on GPU/TPU).
 
     Returns the stacked final states and one history per model: loss, accuracy (running train means,
     with dropout), val_loss, val_accuracy[, train_eval_loss, train_eval_accuracy] per epoch, and
@@ -281,11 +299,19 @@ def fit_many(
     zero_sums = lambda: jax.tree.map(lambda x: jnp.tile(x, k_models), _zero_sums())  # noqa: E731
     order_fn = jax.jit(jax.vmap(data.epoch_permutation, in_axes=(0, None, None, None)), static_argnums=(2, 3))
 
+    per_call = resolve_steps_per_call(config, steps_per_epoch)
+
+    def step_indices(order: np.ndarray, i: int, n: int) -> np.ndarray:
+        """Batches of steps i..i+n from order[K, steps, B]: [K, B] ([B] with shared_order) for one step, [n, K, B] ([n, B]) for more."""
+        chunk = order[0, i : i + n] if shared_order else order[:, i : i + n].swapaxes(0, 1)
+        return chunk[0] if n == 1 else chunk
+
     start = time.perf_counter()
-    probe = np.asarray(order_fn(data_keys, 0, num_train, config.batch_size))[:, 0]
-    step = compiled_device_steps(step_fn).lower(
-        states, zero_sums(), images, labels, probe[0] if shared_order else probe, dropout_keys
-    ).compile()
+    probe = np.asarray(order_fn(data_keys, 0, num_train, config.batch_size))
+    compiled = {}  # chunk length -> executable: the full chunk, and the epoch's last, shorter one
+    for n in {per_call, steps_per_epoch % per_call} - {0}:
+        fn = compiled_device_steps(step_fn) if n == 1 else compiled_device_chunk(step_fn)
+        compiled[n] = fn.lower(states, zero_sums(), images, labels, step_indices(probe, 0, n), dropout_keys).compile()
     compile_time = time.perf_counter() - start
 
     names = ["loss", "accuracy", "val_loss", "val_accuracy"] + (["train_eval_loss", "train_eval_accuracy"] if eval_train else [])
@@ -295,8 +321,9 @@ def fit_many(
         epoch_start = time.perf_counter()
         order = np.asarray(order_fn(data_keys, epoch, num_train, config.batch_size))  # [K, steps, B]
         sums = zero_sums()
-        for i in range(steps_per_epoch):
-            states, sums = step(states, sums, images, labels, order[0, i] if shared_order else order[:, i], dropout_keys)
+        for i in range(0, steps_per_epoch, per_call):
+            n = min(per_call, steps_per_epoch - i)
+            states, sums = compiled[n](states, sums, images, labels, step_indices(order, i, n), dropout_keys)
         sums = jax.device_get(sums)
         train_time = time.perf_counter() - epoch_start
         rows = {"loss": sums["loss"] / steps_per_epoch, "accuracy": sums["accuracy"] / steps_per_epoch}

@@ -66,6 +66,19 @@ def test_fit_many_equals_models_trained_one_by_one():
     assert not np.allclose(np.asarray(states.params["dense2"]["bias"][0]), np.asarray(states.params["dense2"]["bias"][1]))
 
 
+@pytest.mark.parametrize("shared_order", [False, True])
+def test_fit_many_steps_per_call_chunks_equal_single_steps(shared_order):
+    """Several steps per compiled call (lax.scan; 10 steps an epoch = chunks of 4, 4, 2) train exactly as one step per call."""
+    train = _data()
+    runs = [fit_many([dataclasses.replace(SMALL, seed=s, steps_per_call=n) for s in (0, 3)], train, shared_order=shared_order) for n in (1, 4)]
+    (states_1, h_1), (states_4, h_4) = runs
+    assert int(states_4.step[0]) == 20
+    _assert_trees_close(states_4.params, states_1.params, **TOL)
+    for a, b in zip(h_1, h_4, strict=True):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+        np.testing.assert_allclose(a["accuracy"], b["accuracy"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("per_model_batch", [False, True])
 def test_train_steps_equals_train_step(per_model_batch):
     train = _data(48)
