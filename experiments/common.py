@@ -65,6 +65,7 @@ def parse_args(doc: str, full: dict[str, Any], quick: dict[str, Any], *, dataset
     parser.add_argument("--out", default=None, help=f"output folder (default results/{name})")
     parser.add_argument("--manual-dir", default=None, help="folder with the four .gz files when the data set is not prepared")
     parser.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir")
+    parser.add_argument("--arrays", default=None, metavar="NPZ", help="read the data set from this .npz (`python -m mnist_jax export`): no TensorFlow")
     for key, value in full.items():
         parser.add_argument("--" + key.replace("_", "-"), default=None, metavar=type(value).__name__.upper(),
                             help=f"default {value}, quick {quick.get(key, value)}")  # fmt: skip
@@ -95,7 +96,7 @@ def load(args: argparse.Namespace, train_examples: int | None = None, test_examp
     manual = args.manual_dir
     if manual is None and args.dataset == "fashion_mnist" and FASHION_MANUAL_DIR.is_dir():
         manual = str(FASHION_MANUAL_DIR)
-    kw = dict(data_dir=args.data_dir, manual_dir=manual)
+    kw = dict(data_dir=args.data_dir, manual_dir=manual, arrays=args.arrays)
     train = load_split(args.dataset, "train", num_examples=train_examples, **kw)
     test = load_split(args.dataset, "test", num_examples=test_examples, **kw)
     return train, test

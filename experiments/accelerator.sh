@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Every accelerator figure of the performance issue, in one run, on a machine with JAX but without
+# TensorFlow or a network (such as the GPU machine lent to some sessions). Prepare here, run there:
+#
+#   python -m mnist_jax export --out data/mnist.npz          # here (tfds); ~11 MiB, carried with the run
+#   bash experiments/accelerator.sh data/mnist.npz OUT_DIR    # there
+#
+# It prints the device, then runs: the seed recipe (batch 32, 5 epochs) through `fit` in float32 and
+# in bfloat16 (an epoch per compiled call, 2 runs each: the second compiles from the persistent
+# cache), and the speedrun recipe over 5 seeds (time to 99 % and 99.25 %). Each part has its own time
+# limit, so one slow part cannot use up a short session; a part that fails or times out is reported
+# and the others still run. Logs and JSON go to OUT_DIR (default results/accelerator).
+set -u
+arrays=${1:?usage: bash experiments/accelerator.sh MNIST.npz [OUT_DIR]}
+out=${2:-results/accelerator}
+py=${PYTHON:-python}
+mkdir -p "$out"
+export MNIST_JAX_COMPILATION_CACHE="$out/xla-cache"
+
+part() {  # part NAME SECONDS COMMAND...: run it with a limit, keep its log, show its tail
+    local name=$1 limit=$2 start=$SECONDS rc
+    shift 2
+    echo "== $name (limit ${limit} s): $*"
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    rc=$?
+    tail -n 15 "$out/$name.log"
+    echo "== $name: exit $rc after $((SECONDS - start)) s"
+}
+
+part device 120 "$py" -c "import jax, mnist_jax; print('jax', jax.__version__, jax.devices())"
+part bench-float32 200 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --out "$out/bench-float32.json"
+part bench-bfloat16 200 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --dtype bfloat16 --out "$out/bench-bfloat16.json"
+part speedrun 240 "$py" experiments/speedrun.py --arrays "$arrays" --out "$out/speedrun"
