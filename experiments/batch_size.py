@@ -5,7 +5,6 @@ rates): 'sqrt' (lr x sqrt(B/32), the usual rule for Adam) and 'linear' (lr x B/3
 epochs for every batch size, so larger batches take fewer steps.
 """
 
-import dataclasses
 import math
 
 from common import Run, figure, load, markdown_table, mean_std, parse_args, run_group

@@ -1,6 +1,5 @@
 """padding: 'SAME' vs 'VALID' convolutions in the seed CNN: output sizes, parameter count, accuracy."""
 
-import dataclasses
 
 from common import Run, layer_shapes, load, markdown_table, mean_std, parse_args, run_group, seed_configs, figure
 from mnist_jax import CNN, Config, ModelConfig

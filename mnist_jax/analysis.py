@@ -406,8 +406,8 @@ def report_markdown(summary: Mapping[str, Any], class_names: Sequence[str] | Non
         "",
         "## Wrong predictions",
         "",
-        f"Every wrong prediction (index, label, prediction, confidence) is in [wrong.json](wrong.json); "
-        f"all predicted labels and probabilities are in `predictions.npz`.",
+        "Every wrong prediction (index, label, prediction, confidence) is in [wrong.json](wrong.json); "
+        "all predicted labels and probabilities are in `predictions.npz`.",
         "",
         "![Wrong predictions](wrong_grid.png)",
         "",
