@@ -2,8 +2,9 @@
 # Every accelerator figure of the performance issue, in one run, on a machine with JAX but without
 # TensorFlow or a network (such as the GPU machine lent to some sessions). Prepare here, run there:
 #
-#   python -m mnist_jax export --out data/mnist.npz          # here (tfds); ~11 MiB, carried with the run
-#   bash experiments/accelerator.sh data/mnist.npz OUT_DIR    # there
+#   python -m mnist_jax export --out .carry/mnist.npz          # here (tfds); 11 MiB
+#   pip install --target .carry/site tqdm                       # here: the one dependency such a machine may lack
+#   bash experiments/accelerator.sh .carry/mnist.npz OUT_DIR    # there, from the repository root, carrying .carry
 #
 # It prints the device, then runs: the seed recipe (batch 32, 5 epochs) through `fit` in float32 and
 # in bfloat16 (an epoch per compiled call, 2 runs each: the second compiles from the persistent
@@ -14,6 +15,10 @@ set -u
 arrays=${1:?usage: bash experiments/accelerator.sh MNIST.npz [OUT_DIR]}
 out=${2:-results/accelerator}
 py=${PYTHON:-python}
+repo=$(cd "$(dirname "$0")/.." && pwd)
+# mnist_jax from this checkout (it need not be installed there), and carried packages when present.
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+[ -d "$repo/.carry/site" ] && export PYTHONPATH="$PYTHONPATH:$repo/.carry/site"
 mkdir -p "$out"
 export MNIST_JAX_COMPILATION_CACHE="$out/xla-cache"
 
