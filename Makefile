@@ -32,7 +32,7 @@ bench-quick: install
 
 # Every experiment at its --quick size (< 30 min on 2 cores); run a script alone for its full size.
 # MNIST comes from $(MNIST_JAX_MANUAL_DIR) when not prepared yet; Fashion-MNIST from Debian's dataset-fashion-mnist.
-EXPERIMENTS := padding pooling filter_size batch_size seeds dropout_overfitting improved fashion
+EXPERIMENTS := padding pooling filter_size batch_size seeds dropout_overfitting improved fashion conv_forms
 
 experiments: install
 	@set -e; start=$$(date +%s); for name in $(EXPERIMENTS); do \

@@ -8,7 +8,8 @@
 #
 # It prints the device, then runs: the seed recipe (batch 32, 5 epochs) through `fit` in float32 and
 # in bfloat16 (an epoch per compiled call, 2 runs each: the second compiles from the persistent
-# cache), and the speedrun recipe over 5 seeds (time to 99 % and 99.25 %). Each part has its own time
+# cache), the speedrun recipe over 5 seeds (time to 99 % and 99.25 %), and the seed recipe's step
+# with each form of convolution (experiments/conv_forms.py). Each part has its own time
 # limit, so one slow part cannot use up a short session; a part that fails or times out is reported
 # and the others still run. Logs and JSON go to OUT_DIR (default results/accelerator).
 set -u
@@ -32,7 +33,9 @@ part() {  # part NAME SECONDS COMMAND...: run it with a limit, keep its log, sho
     echo "== $name: exit $rc after $((SECONDS - start)) s"
 }
 
-part device 120 "$py" -c "import jax, mnist_jax; print('jax', jax.__version__, jax.devices())"
-part bench-float32 200 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --out "$out/bench-float32.json"
-part bench-bfloat16 200 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --dtype bfloat16 --out "$out/bench-bfloat16.json"
-part speedrun 240 "$py" experiments/speedrun.py --arrays "$arrays" --out "$out/speedrun"
+# In order of importance; the limits add up to 560 s, under the device tool's 600 s per command.
+part device 60 "$py" -c "import jax, mnist_jax; print('jax', jax.__version__, jax.devices())"
+part bench-float32 150 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --out "$out/bench-float32.json"
+part speedrun 150 "$py" experiments/speedrun.py --arrays "$arrays" --out "$out/speedrun"
+part bench-bfloat16 100 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --dtype bfloat16 --out "$out/bench-bfloat16.json"
+part conv-forms 100 "$py" experiments/conv_forms.py --arrays "$arrays" --out "$out/conv_forms"

@@ -28,6 +28,7 @@ import optax
 
 from mnist_jax import Config, ModelConfig, load_split
 from mnist_jax.model import Conv, Flatten, Pool2x2
+from mnist_jax.train import reuse_freed_host_memory
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MANUAL_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -83,7 +84,10 @@ def parse_args(doc: str, full: dict[str, Any], quick: dict[str, Any], *, dataset
 
 
 def setup() -> None:
-    """A persistent XLA compilation cache shared by the scripts (same shapes compile once)."""
+    """A persistent XLA compilation cache shared by the scripts (same shapes compile once); on CPU,
+    large freed host blocks kept for reuse (`reuse_freed_host_memory`: K vmapped models need > 32 MB scratch)."""
+    if jax.default_backend() == "cpu":
+        reuse_freed_host_memory()
     jax.config.update("jax_compilation_cache_dir", str(REPO / "results" / ".jax-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

@@ -33,15 +33,18 @@ class Pool2x2(nn.Module):
         return x.mean(axis=(2, 4))
 
 
+CONV_FORMS = ("matmul", "xla")
+
+
 class Conv(nn.Module):
     """A stride-1 2-D convolution with `nn.Conv`'s parameters (kernel [k, k, in, out], bias [out]).
 
-    For training it is one matmul over shifted views of the input: on XLA:CPU the
-    gradients of that form (plain matmuls) ran ~10 % faster per seed-recipe step than
-    those of `conv_general_dilated`. Without gradients (`train=False`: evaluation,
-    prediction) it is XLA's own convolution, which ran faster forward-only here
-    (10,000 test images: 1.4 s vs 2.3 s). Both give the same result up to float
-    summation order.
+    For training (`form="matmul"`, the default) it is one matmul over shifted views of
+    the input: on XLA:CPU the gradients of that form (plain matmuls) ran ~10 % faster per
+    seed-recipe step than those of `conv_general_dilated`. Without gradients
+    (`train=False`: evaluation, prediction), or with `form="xla"`, it is XLA's own
+    convolution, which ran faster forward-only here (10,000 test images: 1.4 s vs 2.3 s).
+    Both give the same result up to float summation order.
     """
 
     features: int
@@ -49,15 +52,18 @@ class Conv(nn.Module):
     padding: str = "SAME"
     dtype: Any = jnp.float32
     kernel_init: Any = nn.initializers.glorot_uniform()
+    form: str = "matmul"  # how it trains: one of CONV_FORMS
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
+        if self.form not in CONV_FORMS:
+            raise ValueError(f"Conv form must be one of {', '.join(CONV_FORMS)}, got {self.form!r}")
         k, channels = self.kernel_size, x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (k, k, channels, self.features)).astype(self.dtype)
         bias = self.param("bias", nn.initializers.zeros, (self.features,)).astype(self.dtype)
         x = x.astype(self.dtype)
         # 'SAME' pads as TensorFlow does, in both forms: the extra row/column goes after.
-        if not train:
+        if not train or self.form == "xla":
             y = jax.lax.conv_general_dilated(x, kernel, (1, 1), self.padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
             return y + bias
         if self.padding == "SAME":
@@ -93,6 +99,7 @@ class CNN(nn.Module):
     dtype: Any = jnp.float32
     # Keras' defaults, so the seed trains as the tutorial's program does.
     kernel_init: Any = nn.initializers.glorot_uniform()
+    conv_form: str = "matmul"  # how the convolutions train (`Conv.form`); measured per device by experiments/conv_forms.py
 
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: Any = jnp.float32) -> "CNN":
@@ -101,7 +108,7 @@ class CNN(nn.Module):
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         conv = lambda features, kernel, name: Conv(  # noqa: E731
-            features, kernel, padding=self.padding, dtype=self.dtype, kernel_init=self.kernel_init, name=name
+            features, kernel, padding=self.padding, dtype=self.dtype, kernel_init=self.kernel_init, form=self.conv_form, name=name
         )
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, dtype=self.dtype, kernel_init=self.kernel_init, name=name

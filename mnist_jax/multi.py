@@ -128,26 +128,30 @@ def _batch_axis(batch: dict) -> int | None:
 
 
 def map_models(fn: Callable, in_axes: Sequence[int | None], *args: Any, sequential: bool = False) -> Any:
-    """`jax.vmap(fn, in_axes)(*args)`; for a single model, `fn` on the squeezed arguments (same result).
+    """`jax.vmap(fn, in_axes)(*args)`, or with `sequential=True` the models one after another.
 
-    XLA:CPU runs the unbatched matmuls of one model faster than a batch of one (measured ~1.3x), so K=1
-    costs what `train_step` costs. `sequential=True` runs the models one after another in a `lax.map`
-    instead (for forward passes: the CNN then evaluates with XLA's convolution, which vmapped over
-    models would become a grouped convolution, several times slower on XLA:CPU).
+    `sequential=True` is for forward passes: the CNN then evaluates with XLA's convolution,
+    which vmapped over models would become a grouped convolution, several times slower on
+    XLA:CPU; a single model is then simply `fn` on the squeezed arguments. Training steps
+    stay vmapped even for one model: squeezing a donated state (x[0], then x[None]) made
+    XLA:CPU copy the 12.5 MB Dense kernel and both Adam moments every step and doubled the
+    step's scratch memory (30 -> 64 MB, above glibc's largest mmap threshold, so each step
+    also faulted in fresh pages): 67-74 ms/step against 34-43 ms vmapped, which is what
+    `fit`'s step costs.
     """
-    k = jax.tree.leaves(next(a for a, axis in zip(args, in_axes) if axis == 0))[0].shape[0]
-    if k != 1 and sequential:
-        mapped = [a for a, axis in zip(args, in_axes) if axis == 0]
-
-        def one(xs):
-            it = iter(xs)
-            return fn(*[next(it) if axis == 0 else a for a, axis in zip(args, in_axes)])
-
-        return jax.lax.map(one, mapped)
-    if k != 1:
+    if not sequential:
         return jax.vmap(fn, in_axes=tuple(in_axes))(*args)
-    squeezed = [jax.tree.map(lambda x: x[0], a) if axis == 0 else a for a, axis in zip(args, in_axes)]
-    return jax.tree.map(lambda x: x[None], fn(*squeezed))
+    k = jax.tree.leaves(next(a for a, axis in zip(args, in_axes) if axis == 0))[0].shape[0]
+    if k == 1:
+        squeezed = [jax.tree.map(lambda x: x[0], a) if axis == 0 else a for a, axis in zip(args, in_axes)]
+        return jax.tree.map(lambda x: x[None], fn(*squeezed))
+    mapped = [a for a, axis in zip(args, in_axes) if axis == 0]
+
+    def one(xs):
+        it = iter(xs)
+        return fn(*[next(it) if axis == 0 else a for a, axis in zip(args, in_axes)])
+
+    return jax.lax.map(one, mapped)
 
 
 def vmap_step(step_fn: StepFn = _train_step) -> Callable:

@@ -71,3 +71,9 @@ def test_matmul_conv_equals_flax_conv(kernel, padding):
     grads = jax.grad(lambda p: (ours.apply(p, x) ** 2).sum())(params)
     ref_grads = jax.grad(lambda p: (nn.Conv(6, (kernel, kernel), padding=padding).apply(p, x) ** 2).sum())(params)
     assert all(jnp.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
+    xla = Conv(6, kernel, padding=padding, form="xla")  # trains with XLA's convolution: same result and gradients
+    assert jnp.allclose(xla.apply(params, x), reference, atol=1e-5)
+    xla_grads = jax.grad(lambda p: (xla.apply(p, x) ** 2).sum())(params)
+    assert all(jnp.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(jax.tree.leaves(xla_grads), jax.tree.leaves(ref_grads)))
+    with pytest.raises(ValueError, match="Conv form must be one of matmul, xla"):
+        Conv(6, kernel, form="fft").init(jax.random.key(1), x)

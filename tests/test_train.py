@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,3 +108,25 @@ def test_fit_step_updates_the_donated_params_in_place_without_copying_them():
     copied = re.findall(r"= (f32\[[\d,]+\])\{[\d,]*\} copy\(", entry)
     assert "f32[3136,1000]" not in copied, copied
     assert copied == []
+
+
+def test_reuse_freed_host_memory_stops_page_faults_on_large_blocks():
+    # A 100 MB block malloc'ed, written and freed 10 times: by default glibc maps it afresh each time (~24,000 page
+    # faults each); with reuse_freed_host_memory the freed block is reused. Each in its own process (it is process-wide).
+    code = (
+        "import ctypes, resource, sys\n"
+        "from mnist_jax.train import reuse_freed_host_memory\n"
+        "applied = reuse_freed_host_memory() if sys.argv[1] == 'reuse' else False\n"
+        "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
+        "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
+        "for _ in range(10):\n"
+        "    block = libc.malloc(100_000_000); ctypes.memset(block, 1, 100_000_000); libc.free(block)\n"
+        "print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)\n"
+    )
+    faults = {}
+    for mode in ("default", "reuse"):
+        result = subprocess.run([sys.executable, "-c", code, mode], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stderr[-2000:]
+        applied, faults[mode] = result.stdout.split()
+        assert applied == str(mode == "reuse")
+    assert int(faults["default"]) > 200_000 and int(faults["reuse"]) < 60_000, faults
