@@ -84,10 +84,10 @@ def parse_args(doc: str, full: dict[str, Any], quick: dict[str, Any], *, dataset
 
 
 def setup() -> None:
-    """A persistent XLA compilation cache shared by the scripts (same shapes compile once); on CPU,
-    large freed host blocks kept for reuse (`reuse_freed_host_memory`: K vmapped models need > 32 MB scratch)."""
-    if jax.default_backend() == "cpu":
-        reuse_freed_host_memory()
+    """Large freed host blocks kept for reuse (`reuse_freed_host_memory`: on CPU, K vmapped models need
+    > 32 MB of scratch per step; set before JAX starts its threads, which keep their malloc arenas), and a
+    persistent XLA compilation cache shared by the scripts (same shapes compile once)."""
+    reuse_freed_host_memory()
     jax.config.update("jax_compilation_cache_dir", str(REPO / "results" / ".jax-cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 

@@ -198,6 +198,7 @@ def reuse_freed_host_memory() -> bool:
     99 (K=2) and 163 (K=3) ms/step so, 64 and 111 ms with this. It is a
     setting of the whole process (freed memory then stays with the process until it
     exits), so entry points call it (the experiments do); the library never does on import.
+    Call it before JAX's first computation: threads that already hold a malloc arena keep it.
     """
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
