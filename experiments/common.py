@@ -27,6 +27,7 @@ import numpy as np
 import optax
 
 from mnist_jax import Config, ModelConfig, load_split
+from mnist_jax.bench import cpu_model
 from mnist_jax.model import Conv, Flatten, Pool2x2
 from mnist_jax.train import reuse_freed_host_memory
 
@@ -114,14 +115,9 @@ def seed_configs(config: Config, seeds: Sequence[int]) -> list[Config]:
 
 
 def machine() -> dict[str, Any]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     device = jax.devices()[0]
     return {
-        "cpu": cpu, "cores": os.cpu_count(), "jax_backend": jax.default_backend(), "device": device.device_kind,
+        "cpu": cpu_model(), "cores": os.cpu_count(), "jax_backend": jax.default_backend(), "device": device.device_kind,
         "jax": jax.__version__, "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
     }  # fmt: skip
 

@@ -235,15 +235,13 @@ def _device_step_chunk(step_fn: StepFn, states, sums, images, labels, indices, d
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_device_steps(step_fn: StepFn = _train_step) -> Callable:
-    """The jitted fit_many step for `step_fn`: (states, sums, images, labels, indices[K, B] or [B], dropout_keys[K]); old states donated."""
-    return jax.jit(functools.partial(_device_steps, step_fn), donate_argnums=(0, 1), compiler_options=donation_compiler_options())
+def compiled_device_steps(step_fn: StepFn = _train_step, chunk: bool = False) -> Callable:
+    """The jitted fit_many step for `step_fn`: (states, sums, images, labels, indices, dropout_keys[K]); old states donated.
 
-
-@functools.lru_cache(maxsize=None)
-def compiled_device_chunk(step_fn: StepFn = _train_step) -> Callable:
-    """`compiled_device_steps` for n steps per call: indices[n, K, B] or [n, B]; one program per n."""
-    return jax.jit(functools.partial(_device_step_chunk, step_fn), donate_argnums=(0, 1), compiler_options=donation_compiler_options())
+    indices: [K, B] (per-model batches) or [B] (shared) for one step; with `chunk`, [n, K, B] or
+    [n, B] for n steps under one `lax.scan` (one program per n)."""
+    fn = functools.partial(_device_step_chunk if chunk else _device_steps, step_fn)
+    return jax.jit(fn, donate_argnums=(0, 1), compiler_options=donation_compiler_options())
 
 
 _SHARED_FIELDS_EXEMPT = ("seed", "learning_rate", "workdir")
@@ -311,11 +309,11 @@ def fit_many(
         return chunk[0] if n == 1 else chunk
 
     start = time.perf_counter()
-    probe = np.asarray(order_fn(data_keys, 0, num_train, config.batch_size))
+    shape_only = np.zeros((k_models, per_call, config.batch_size), np.int32)  # lowering needs the indices' shape alone
     compiled = {}  # chunk length -> executable: the full chunk, and the epoch's last, shorter one
     for n in {per_call, steps_per_epoch % per_call} - {0}:
-        fn = compiled_device_steps(step_fn) if n == 1 else compiled_device_chunk(step_fn)
-        compiled[n] = fn.lower(states, zero_sums(), images, labels, step_indices(probe, 0, n), dropout_keys).compile()
+        fn = compiled_device_steps(step_fn, chunk=n > 1)
+        compiled[n] = fn.lower(states, zero_sums(), images, labels, step_indices(shape_only, 0, n), dropout_keys).compile()
     compile_time = time.perf_counter() - start
 
     names = ["loss", "accuracy", "val_loss", "val_accuracy"] + (["train_eval_loss", "train_eval_accuracy"] if eval_train else [])
