@@ -53,7 +53,7 @@ def _train_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--steps-per-call", type=int, default=_ABSENT, metavar="N",
-        help="training steps per compiled call, under lax.scan (default: 0 = auto: 1 on CPU, the whole epoch on GPU/TPU)",
+        help="training steps per compiled call, under lax.scan (default: 0 = auto: 100 on CPU, 1 there with --checkpoint-every-steps; the whole epoch on GPU/TPU)",
     )  # fmt: skip
     p.add_argument("--devices", default=_ABSENT, help="data parallel over 'all' local devices (default) or the first N")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: address of process 0's coordinator, or 'auto' to detect the cluster (SLURM, TPU pod, ...)")

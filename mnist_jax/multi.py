@@ -275,7 +275,7 @@ def fit_many(
     `mnist_jax.train._train_step`) replace the library's defaults for the whole group. With
     `eval_train`, each epoch also evaluates every model on its training set in eval mode (no dropout).
     With `shared_order`, all models see the batches of configs[0]'s data order. Steps are dispatched
-    `config.steps_per_call` at a time, as in `fit` (auto: one on CPU, a whole epoch under `lax.scan` on GPU/TPU).
+    `config.steps_per_call` at a time, as in `fit` (auto: 100 on CPU, a whole epoch on GPU/TPU, under `lax.scan`).
 
     Returns the stacked final states and one history per model: loss, accuracy (running train means,
     with dropout), val_loss, val_accuracy[, train_eval_loss, train_eval_accuracy] per epoch, and

@@ -165,14 +165,23 @@ def compiled_chunk(dp: DataParallel, num_steps: int, batch_size: int) -> Any:
     return jax.jit(fn, in_shardings=(rep,) * 8, out_shardings=(rep, rep), donate_argnums=(0, 1), compiler_options=options)
 
 
+# Auto on CPU: chunks of 100 scanned steps (the progress bar's refresh interval). Measured on 2
+# cores, 600-step epochs, interleaved: 8 % faster (median) than one step per call, faster in 7 of 8 pairs;
+# whole 600-step epochs per call were no faster than chunks of 100.
+CPU_STEPS_PER_CALL = 100
+
+
 def resolve_steps_per_call(config: Config, steps_per_epoch: int) -> int:
-    """`config.steps_per_call`, with 0 (auto) meaning 1 on CPU and the whole epoch on accelerators.
+    """`config.steps_per_call`, with 0 (auto) meaning the whole epoch on accelerators and, on CPU, chunks
+    of `CPU_STEPS_PER_CALL` (1 with `checkpoint_every_steps`, so that checkpoints land on its multiples).
 
     The tfdata pipeline feeds host batches one step at a time, so it always runs 1."""
     if config.pipeline != "device":
         return 1
     if config.steps_per_call == 0:
-        return 1 if jax.default_backend() == "cpu" else steps_per_epoch
+        if jax.default_backend() != "cpu":
+            return steps_per_epoch
+        return 1 if config.checkpoint_every_steps else min(CPU_STEPS_PER_CALL, steps_per_epoch)
     return min(config.steps_per_call, steps_per_epoch)
 
 

@@ -70,3 +70,14 @@ def test_tfdata_pipeline_runs_one_step_per_call_whatever_steps_per_call_says(mni
     config = Config(pipeline="tfdata", steps_per_call=4, **mnist_dirs)
     assert resolve_steps_per_call(config, 10) == 1
     assert resolve_steps_per_call(dataclasses.replace(config, pipeline="device"), 10) == 4
+
+
+def test_auto_steps_per_call_on_cpu_is_chunks_of_100_or_one_with_step_checkpoints():
+    from mnist_jax.train import CPU_STEPS_PER_CALL, resolve_steps_per_call
+
+    assert jax.default_backend() == "cpu"
+    auto = Config(steps_per_call=0)
+    assert CPU_STEPS_PER_CALL == 100
+    assert resolve_steps_per_call(auto, 1875) == 100
+    assert resolve_steps_per_call(auto, 30) == 30  # a short epoch is one call
+    assert resolve_steps_per_call(dataclasses.replace(auto, checkpoint_every_steps=7), 1875) == 1
