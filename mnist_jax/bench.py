@@ -4,10 +4,13 @@
     python -m mnist_jax.bench --quick   # a few hundred steps each, under 3 minutes on 2 cores
     python -m mnist_jax.bench --jax-only --arrays mnist.npz [--dtype bfloat16]   # GPU/TPU: no Keras, no TensorFlow
 
-Each side runs in its own process (so peak memory and threads are its own),
-alternating Keras, JAX, Keras, JAX, ... The first epoch of every run holds
-compilation/warm-up and is reported apart; steady-state epochs are compared.
-The last line printed is `speedup_vs_keras=X` (median Keras epoch / median JAX epoch).
+Each side runs in its own process (so peak memory and threads are its own), and
+the two take turns epoch by epoch: Keras's epoch 1, mnist_jax's epoch 1, mnist_jax's
+epoch 2, Keras's epoch 2, ... (the process whose turn it is not waits, idle), so that
+each pair of epochs compared ran within a few minutes of each other on this shared
+machine. The first epoch of every run holds compilation/warm-up and is reported
+apart; steady-state epochs are compared. The last line printed is
+`speedup_vs_keras=X` (median Keras epoch / median JAX epoch).
 With --jax-only (for machines without TensorFlow: data from an .npz made by
 `python -m mnist_jax export`), only mnist_jax runs, on whatever device JAX sees, and
 the last line is `jax_train_time_s=X`: the training steps of all epochs, validation,
@@ -25,6 +28,7 @@ import resource
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _keras_worker(args: argparse.Namespace) -> dict[str, Any]:
+def _keras_worker(args: argparse.Namespace, turns: _Turns) -> dict[str, Any]:
     """The tutorial's model, compiled and fitted the way the tutorial does (Keras on TF, oneDNN on)."""
     os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # Keras' default on CPU: give the reference its best
     from mnist_jax import data
@@ -71,22 +75,26 @@ def _keras_worker(args: argparse.Namespace) -> dict[str, Any]:
         def on_epoch_end(self, epoch, logs=None):
             self.times.append(time.perf_counter() - self.start)
 
+    class WaitForTurn(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            turns(epoch)
+
     timer = EpochTimer()
     start = time.perf_counter()
     model.fit(
         train["image"], train["label"], batch_size=args.batch_size, epochs=args.epochs,
-        validation_data=(test["image"], test["label"]), callbacks=[timer], verbose=0,
+        validation_data=(test["image"], test["label"]), verbose=0,
+        callbacks=[WaitForTurn(), timer],  # in this order: the epoch's clock starts once its turn has come
     )  # fmt: skip
-    fit_time = time.perf_counter() - start
+    fit_time = time.perf_counter() - start - turns.waited
     loss, accuracy = model.evaluate(test["image"], test["label"], verbose=0)
+    turns.end()
     del tf
-    return {"epoch_time_s": timer.times, "fit_time_s": fit_time, "test_accuracy": float(accuracy)}
+    return {"epoch_time_s": timer.times, "fit_time_s": fit_time, "test_accuracy": float(accuracy), "turns_wall": turns.wall}
 
 
-def _jax_worker(args: argparse.Namespace) -> dict[str, Any]:
+def _jax_worker(args: argparse.Namespace, turns: _Turns) -> dict[str, Any]:
     """mnist_jax's normal training path: `fit` with the seed config."""
-    import tempfile
-
     import jax
 
     from mnist_jax import Config, fit
@@ -99,11 +107,12 @@ def _jax_worker(args: argparse.Namespace) -> dict[str, Any]:
             workdir=workdir, data_dir=args.data_dir, manual_dir=args.manual_dir, arrays=args.arrays,
             compute_dtype=args.dtype,
         )  # fmt: skip
-        _, history = fit(config, verbose=False)
+        _, history = fit(config, verbose=False, before_epoch=turns)
+        turns.end()
         accuracy = json.loads((Path(workdir) / "metrics.json").read_text())["test_accuracy"]
     keep = ("epoch_time_s", "train_time_s", "fit_time_s", "compile_time_s")
     device = jax.devices()[0]
-    return {**{k: history[k] for k in keep}, "test_accuracy": accuracy, "jax_version": jax.__version__,
+    return {**{k: history[k] for k in keep}, "test_accuracy": accuracy, "turns_wall": turns.wall, "jax_version": jax.__version__,
             "device": f"{jax.device_count()} x {device.device_kind} ({device.platform})"}  # fmt: skip
 
 
@@ -116,17 +125,80 @@ def _load(args: argparse.Namespace):
     return train, test
 
 
-def _run_worker(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    cmd = [sys.executable, "-m", "mnist_jax.bench", "--worker", kind, "--epochs", str(args.epochs), "--seed", str(args.seed)]
-    cmd += ["--batch-size", str(args.batch_size), "--dtype", args.dtype]
-    for flag in ("train_examples", "data_dir", "manual_dir", "arrays"):
-        value = getattr(args, flag)
-        if value is not None:
-            cmd += [f"--{flag.replace('_', '-')}", str(value)]
-    result = subprocess.run(cmd, capture_output=True, text=True)
-    if result.returncode != 0:
-        sys.exit(f"bench: the {kind} worker failed:\n{result.stderr[-3000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
+class _Turns:
+    """In a worker, called before each epoch: tells the parent the epoch is ready and blocks until
+    it says go. Keeps the seconds spent waiting and each turn's wall-clock [start, end]."""
+
+    def __init__(self) -> None:
+        self.waited = 0.0
+        self.wall: list[list[float]] = []
+
+    def __call__(self, epoch: int) -> None:
+        start = time.perf_counter()
+        self.end()
+        print(f"ready {epoch}", flush=True)
+        if sys.stdin.readline().strip() != "go":
+            sys.exit("bench worker: the parent went away")
+        self.wall.append([time.time()])
+        self.waited += time.perf_counter() - start
+
+    def end(self) -> None:
+        if self.wall and len(self.wall[-1]) == 1:
+            self.wall[-1].append(time.time())
+
+
+class _Worker:
+    """One side's worker process, run an epoch at a time: `turn()` lets it run its next epoch
+    (or, after the last, its final evaluation) and returns once it is waiting again or done."""
+
+    def __init__(self, kind: str, args: argparse.Namespace):
+        cmd = [sys.executable, "-m", "mnist_jax.bench", "--worker", kind, "--epochs", str(args.epochs), "--seed", str(args.seed)]
+        cmd += ["--batch-size", str(args.batch_size), "--dtype", args.dtype]
+        for flag in ("train_examples", "data_dir", "manual_dir", "arrays"):
+            value = getattr(args, flag)
+            if value is not None:
+                cmd += [f"--{flag.replace('_', '-')}", str(value)]
+        self.kind, self.result = kind, None
+        self.log = tempfile.TemporaryFile("w+")  # a file, not a pipe: TF's logging could fill a pipe nobody reads yet
+        self.process = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self._wait()  # data loaded, model built (and compiled, for mnist_jax): ready for epoch 0
+
+    def turn(self) -> None:
+        self.process.stdin.write("go\n")
+        self.process.stdin.flush()
+        self._wait()
+
+    def _wait(self) -> None:
+        for line in self.process.stdout:
+            if line.startswith("ready "):
+                return
+            if line.startswith("{"):
+                self.result = json.loads(line)
+        if self.process.wait() != 0 or self.result is None:
+            self.log.seek(0)
+            raise RuntimeError(f"the {self.kind} worker failed:\n{self.log.read()[-3000:]}")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait()
+
+
+def _run_pair(kinds: tuple[str, ...], args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """One run of each kind, their epochs in turns; the first to go alternates from epoch to epoch."""
+    workers: list[_Worker] = []
+    try:
+        for kind in kinds:  # started one after the other, so that neither's start-up or compilation overlaps the other's
+            workers.append(_Worker(kind, args))
+        for epoch in range(args.epochs):
+            for worker in workers if epoch % 2 == 0 else workers[::-1]:
+                worker.turn()
+        return {worker.kind: worker.result for worker in workers}
+    except RuntimeError as error:
+        sys.exit(f"bench: {error}")
+    finally:
+        for worker in workers:
+            worker.stop()
 
 
 def cpu_model() -> str:
@@ -174,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist_jax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="300 steps per epoch, 2 epochs, one run each")
     parser.add_argument("--jax-only", action="store_true", help="mnist_jax alone (no Keras, no TensorFlow needed with --arrays)")
-    parser.add_argument("--repeats", type=int, default=None, help="runs of each side, interleaved (default: 2, quick: 1)")
+    parser.add_argument("--repeats", type=int, default=None, help="runs of each side (default: 2, quick: 1)")
     parser.add_argument("--out", default="results/bench.json", help="JSON results (default: %(default)s)")
     parser.add_argument("--data-dir")
     parser.add_argument("--manual-dir")
@@ -188,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.worker:
-        result = (_keras_worker if args.worker == "keras" else _jax_worker)(args)
+        result = (_keras_worker if args.worker == "keras" else _jax_worker)(args, _Turns())
         result["peak_rss_mib"] = _peak_rss_mib()
         print(json.dumps(result))
         return 0
@@ -200,12 +272,13 @@ def main(argv: list[str] | None = None) -> int:
     repeats = args.repeats or (1 if args.quick else 2)
     steps = (args.train_examples or 60_000) // args.batch_size
     kinds = ("jax",) if args.jax_only else ("keras", "jax")
-    print(f"bench: {'quick' if args.quick else 'full'}: {repeats} {'interleaved ' if len(kinds) > 1 else ''}run(s) of {' and '.join(kinds)},"
+    print(f"bench: {'quick' if args.quick else 'full'}: {repeats} run(s) of {' and '.join(kinds)}{', epochs in turns' if len(kinds) > 1 else ''},"
           f" {args.epochs} epochs of {steps} steps, batch {args.batch_size}, {args.dtype}", flush=True)  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {kind: [] for kind in kinds}
     for repeat in range(repeats):
+        pair = _run_pair(kinds, args)
         for kind in kinds:
-            run = _run_worker(kind, args)
+            run = pair[kind]
             runs[kind].append(run)
             epochs = ", ".join(f"{t:.1f}" for t in run["epoch_time_s"])
             steps_only = f", steps only [{', '.join(f'{t:.2f}' for t in run['train_time_s'])}] s" if "train_time_s" in run else ""

@@ -19,7 +19,7 @@ import threading
 import datetime
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -338,7 +338,9 @@ def _prepare_workdir(config: Config, resume: bool) -> Path:
     return workdir
 
 
-def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[TrainState, dict[str, Any]]:
+def fit(
+    config: Config, *, resume: bool = False, verbose: bool = True, before_epoch: Callable[[int], None] | None = None
+) -> tuple[TrainState, dict[str, Any]]:
     """Train `config` end to end: data, state, epochs, checkpoints, history. Returns (state, history).
 
     With `resume`, continues from the latest checkpoint in `config.workdir`, mid-epoch
@@ -349,6 +351,9 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
     `history` holds, per epoch: loss and accuracy (running means over the epoch's steps),
     val_loss, val_accuracy, epoch_time_s (steps, validation and checkpoint) and train_time_s
     (the steps alone); and compile_time_s (before the clock starts) and fit_time_s.
+
+    `before_epoch(epoch)`, if given, is called with the 0-based epoch before that epoch's clock
+    starts (the benchmark uses it to run Keras's and mnist_jax's epochs in turns).
     """
     config.validate()
     dp = data_parallel(config.devices)
@@ -419,10 +424,15 @@ def fit(config: Config, *, resume: bool = False, verbose: bool = True) -> tuple[
         checkpoint.save(manager, state, meta, metrics=metrics)
 
     fit_start = time.perf_counter()
-    fit_elapsed = lambda: position["fit_time_s"] + time.perf_counter() - fit_start  # noqa: E731
+    waited = 0.0  # in `before_epoch`: not this run's time
+    fit_elapsed = lambda: position["fit_time_s"] + time.perf_counter() - fit_start - waited  # noqa: E731
     # Closing the manager waits for async saves; `bars` clears the progress bar before an error is printed.
     with _stop_requests() as stop, manager, contextlib.ExitStack() as bars:
         for epoch in range(position["epoch"], config.epochs):
+            if before_epoch is not None:
+                wait_start = time.perf_counter()
+                before_epoch(epoch)
+                waited += time.perf_counter() - wait_start
             resumed_here = epoch == position["epoch"]
             first_step = position["step_in_epoch"] if resumed_here else 0
             epoch_start = time.perf_counter() - (position["epoch_time_s"] if resumed_here else 0.0)

@@ -42,3 +42,25 @@ def test_bfloat16_is_refused_against_keras_in_one_line():
     result = subprocess.run([sys.executable, "-m", "mnist_jax.bench", "--dtype", "bfloat16"], capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].endswith("--dtype bfloat16 needs --jax-only: the Keras reference computes in float32")
+
+
+def test_keras_and_jax_take_turns_epoch_by_epoch_and_the_ratio_comes_last(tmp_path, mnist_dirs):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "-m", "mnist_jax.bench", "--data-dir", mnist_dirs["data_dir"], "--epochs", "3", "--train-examples", "320",
+           "--repeats", "1", "--out", str(out)]  # fmt: skip
+    env = {**os.environ, "MNIST_JAX_COMPILATION_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert result.stdout.strip().splitlines()[-1] == f"speedup_vs_keras={report['speedup_vs_keras']:.2f}"
+    keras, jax_run = report["keras"]["runs"][0], report["jax"]["runs"][0]
+    assert len(keras["epoch_time_s"]) == len(jax_run["epoch_time_s"]) == 3
+    # One side's epoch never overlaps the other's, and who goes first alternates: K J, J K, K J.
+    turns = sorted([(*t, "keras") for t in keras["turns_wall"]] + [(*t, "jax") for t in jax_run["turns_wall"]])
+    assert [kind for _, _, kind in turns] == ["keras", "jax", "jax", "keras", "keras", "jax"]
+    assert all(end <= next_start for (_, end, _), (next_start, _, _) in zip(turns, turns[1:]))
+    # Each timed epoch lies within its turn.
+    for run in (keras, jax_run):
+        assert all(0 < t <= end - start for t, (start, end) in zip(run["epoch_time_s"], run["turns_wall"]))
+    steady = statistics.median(keras["epoch_time_s"][1:]) / statistics.median(jax_run["epoch_time_s"][1:])
+    assert report["speedup_vs_keras"] == pytest.approx(steady)
