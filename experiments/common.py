@@ -29,7 +29,7 @@ import optax
 from mnist_jax import Config, ModelConfig, load_split
 from mnist_jax.bench import cpu_model
 from mnist_jax.model import Conv, Flatten, Pool2x2
-from mnist_jax.train import reuse_freed_host_memory
+from mnist_jax.train import enable_compilation_cache, reuse_freed_host_memory
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MANUAL_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -89,8 +89,7 @@ def setup() -> None:
     > 32 MB of scratch per step; set before JAX starts its threads, which keep their malloc arenas), and a
     persistent XLA compilation cache shared by the scripts (same shapes compile once)."""
     reuse_freed_host_memory()
-    jax.config.update("jax_compilation_cache_dir", str(REPO / "results" / ".jax-cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    enable_compilation_cache(REPO / "results" / ".jax-cache")
 
 
 # --- data -------------------------------------------------------------------

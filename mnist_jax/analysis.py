@@ -384,9 +384,9 @@ def load_history(workdir: str | Path) -> dict[str, Any]:
 
     if not checkpoint.has_checkpoint(workdir):
         raise UserError(f"{workdir} has neither history.json nor a checkpoint")
-    manager = checkpoint.make_manager(workdir / "checkpoints")
-    step = manager.latest_step()
-    return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["history"]
+    with checkpoint.make_manager(workdir / "checkpoints") as manager:
+        step = manager.latest_step()
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["history"]
 
 
 def report_markdown(summary: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:

@@ -117,17 +117,33 @@ def _quiet_absl():
         logger.setLevel(level)
 
 
-def discard_newer(manager: ocp.CheckpointManager, step: int) -> list[int]:
-    """Delete the checkpoints after `step` (those `restore_latest` could not read) and return their steps.
+def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[Path]:
+    """Move the checkpoints after `step` (those `restore_latest` could not read) into
+    `<workdir>/unreadable-checkpoints/`, and return where they went.
 
     Orbax never saves a step at or below its latest one, so without this a run resumed
     from an older checkpoint would write no checkpoint until it passed the unreadable
-    ones, and those would stay the "latest".
+    ones, and those would stay the "latest". Moved, not deleted: whatever made them
+    unreadable may have been passing, and they stay there for a person to look at.
     """
     newer = sorted(s for s in manager.all_steps() if s > step)
-    for s in newer:
-        manager.delete(s)
-    return newer
+    directory = Path(str(manager.directory))
+    aside = directory.parent / "unreadable-checkpoints"
+    moved = []
+    if newer and jax.process_index() == 0:
+        aside.mkdir(exist_ok=True)
+        for s in newer:
+            target, n = aside / str(s), 1
+            while target.exists():  # set aside before, at the same step
+                target, n = aside / f"{s}-{n}", n + 1
+            (directory / str(s)).rename(target)
+            moved.append(target)
+    if newer and jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("mnist_jax:set_aside_newer")
+    manager.reload()
+    return moved
 
 
 def find_workdir(path: str | Path) -> tuple[Path, int | None]:

@@ -28,8 +28,6 @@ def _add_data_flags(parser: argparse.ArgumentParser, arrays: bool = True) -> Non
 
 # Train flags default to "absent" so a resumed run can tell which ones the user actually passed.
 _ABSENT = argparse.SUPPRESS
-# Where the data lives on this machine may change between a run and its resumption; nothing else may.
-_MACHINE_LOCAL = {"data_dir", "manual_dir", "arrays", "workdir", "devices"}
 
 
 def _train_parser(sub) -> None:
@@ -53,7 +51,7 @@ def _train_parser(sub) -> None:
     )  # fmt: skip
     p.add_argument(
         "--steps-per-call", type=int, default=_ABSENT, metavar="N",
-        help="training steps per compiled call, under lax.scan (default: 0 = auto: 100 on CPU, 1 there with --checkpoint-every-steps; the whole epoch on GPU/TPU)",
+        help="training steps per compiled call, under lax.scan (default: 0 = auto: 100 on CPU, the whole epoch on GPU/TPU; 1 with --checkpoint-every-steps)",
     )  # fmt: skip
     p.add_argument("--devices", default=_ABSENT, help="data parallel over 'all' local devices (default) or the first N")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: address of process 0's coordinator, or 'auto' to detect the cluster (SLURM, TPU pod, ...)")
@@ -75,6 +73,11 @@ def _apply(config: Config, flags: dict[str, object]) -> Config:
     return dataclasses.replace(config, model=model, **{k: v for k, v in flags.items() if k not in model_fields})
 
 
+def _flag(field: str) -> str:
+    """The train flag that sets a Config field."""
+    return {"compute_dtype": "--dtype", "dropout_rate": "--dropout"}.get(field, "--" + field.replace("_", "-"))
+
+
 def _train(args: argparse.Namespace) -> int:
     from pathlib import Path
 
@@ -89,15 +92,11 @@ def _train(args: argparse.Namespace) -> int:
     if not args.workdir:
         raise UserError("--resume needs --workdir")
     saved = Config.load(Path(args.workdir) / "config.json")
-    saved_values = {**saved.to_dict(), **saved.to_dict()["model"]}
-    conflicts = [
-        f"--{k.replace('_', '-')} {v} (the run has {saved_values[k]})"
-        for k, v in flags.items()
-        if k not in _MACHINE_LOCAL and saved_values.get(k) != v
-    ]
+    conflicts = _apply(saved, flags).validate().resume_conflicts(saved)
     if conflicts:
-        raise UserError(f"--resume continues the run as configured in its config.json; drop {', '.join(conflicts)}")
-    fit(_apply(saved, {k: v for k, v in flags.items() if k in _MACHINE_LOCAL}).validate(), resume=True)
+        dropped = ", ".join(f"{_flag(k)} {new} (the run has {old})" for k, (new, old) in conflicts.items())
+        raise UserError(f"--resume continues the run as configured in its config.json; drop {dropped}")
+    fit(_apply(saved, flags).validate(), resume=True)
     return 0
 
 
@@ -225,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/latest", help="run folder or checkpoint step folder (default: %(default)s)")
     p.add_argument("--top", type=int, default=3, help="how many classes to list per image (default: %(default)s)")
     p.set_defaults(run=_predict)
+    for p in sub.choices.values():  # also after the command: `train --debug` as well as `--debug train`
+        p.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show full tracebacks for errors")
     return parser
 
 

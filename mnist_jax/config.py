@@ -28,6 +28,13 @@ class UserError(Exception):
 EVAL_BATCH_SIZE = 200
 
 
+# What may differ between a run and its resumption: where things are on this machine, how many
+# checkpoints to keep, and how many epochs to train in all (each epoch's data order depends only
+# on the seed and the epoch, so a run extended to more epochs equals one that planned them).
+# Every other field decides the trained parameters.
+RESUMABLE_CHANGES = frozenset({"data_dir", "manual_dir", "arrays", "workdir", "devices", "keep_checkpoints", "epochs"})
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
     """The seed CNN's architecture; experiments vary these fields."""
@@ -67,7 +74,7 @@ class Config:
     checkpoint_every_steps: int = 0  # 0: only at the end of every epoch
     devices: str = "all"  # data parallel over all local devices (every process's, multi-host), or the first N
     # Training steps per compiled call (the epoch's shuffle, batching and steps under one lax.scan).
-    # 0: auto, the whole epoch on GPU/TPU, chunks of 100 on CPU (train.CPU_STEPS_PER_CALL; 1 with checkpoint_every_steps).
+    # 0: auto, the whole epoch on GPU/TPU, chunks of 100 on CPU (train.CPU_STEPS_PER_CALL); 1 with checkpoint_every_steps.
     steps_per_call: int = 0
 
     def validate(self) -> "Config":
@@ -105,6 +112,17 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def resume_conflicts(self, saved: "Config") -> dict[str, tuple[Any, Any]]:
+        """{field: (self's value, saved's value)} for the fields (model fields by name) that a
+        resumed run may not change (all but RESUMABLE_CHANGES)."""
+        mine, theirs = self.flat_dict(), saved.flat_dict()
+        return {k: (v, theirs.get(k)) for k, v in mine.items() if k not in RESUMABLE_CHANGES and theirs.get(k) != v}
+
+    def flat_dict(self) -> dict[str, Any]:
+        """`to_dict()` with the model's fields at the top level (their names do not clash)."""
+        values = self.to_dict()
+        return {**values, **values.pop("model")}
+
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
         values = dict(values)
@@ -116,7 +134,10 @@ class Config:
         return cls(model=model, **values)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        tmp.replace(path)  # a resumed run rewrites it: never a half-written config.json
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":

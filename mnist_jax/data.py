@@ -19,6 +19,7 @@ import os
 import socket
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -264,14 +265,35 @@ def export_arrays(
     `load_split(..., arrays=path)` and `train --arrays path` read it without TensorFlow, e.g. on an
     accelerator machine where only jax/flax/optax/orbax are installed (MNIST: ~15 MB).
     """
-    splits = {split: _tfds_split(dataset, split, data_dir, manual_dir) for split in ("train", "test")}
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.npz")
+    try:  # before loading anything, so that an unwritable place is found out at once
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.touch()
+        tmp.unlink()
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror}") from None
+    splits = {split: _tfds_split(dataset, split, data_dir, manual_dir) for split in ("train", "test")}
     flat = {f"{split}_{key}": value for split, arrays in splits.items() for key, value in arrays.items()}
-    np.savez_compressed(tmp, dataset=np.array(dataset), **flat)
-    tmp.replace(path)  # never a half-written file under the final name
+    try:
+        np.savez_compressed(tmp, dataset=np.array(dataset), **flat)
+        tmp.replace(path)  # never a half-written file under the final name
+    except OSError as err:  # e.g. the disk filled up
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path}: {err.strerror}") from None
     return path
+
+
+def padded_batches(arrays: dict[str, Any], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
+    """Every example of `arrays` ({"image", "label"}) in batches of exactly `batch_size`, so one compiled
+    shape serves them all: the last batch is padded with zeros, and "mask" is False on the padding."""
+    n = len(arrays["label"])
+    padded = -(-n // batch_size) * batch_size
+    pad = lambda x: np.concatenate([np.asarray(x), np.zeros((padded - n, *x.shape[1:]), x.dtype)])  # noqa: E731
+    images, labels, mask = pad(arrays["image"]), pad(arrays["label"]), np.arange(padded) < n
+    for start in range(0, padded, batch_size):
+        window = slice(start, start + batch_size)
+        yield {"image": images[window], "label": labels[window], "mask": mask[window]}
 
 
 def epoch_permutation(data_key: jax.Array, epoch: int, num_examples: int, batch_size: int) -> jax.Array:

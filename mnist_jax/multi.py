@@ -182,21 +182,11 @@ def _predict_many(states: TrainState, images: jax.Array) -> jax.Array:
     return map_models(lambda state: predict(state, images), (0,), states, sequential=True)
 
 
-def _padded_batches(arrays: dict[str, Any], batch_size: int):
-    n = len(arrays["label"])
-    padded = -(-n // batch_size) * batch_size
-    pad = lambda x: np.concatenate([np.asarray(x), np.zeros((padded - n, *x.shape[1:]), x.dtype)])  # noqa: E731
-    images, labels, mask = pad(arrays["image"]), pad(arrays["label"]), np.arange(padded) < n
-    for start in range(0, padded, batch_size):
-        window = slice(start, start + batch_size)
-        yield {"image": images[window], "label": labels[window], "mask": mask[window]}
-
-
 def evaluate_many(states: TrainState, arrays: dict[str, Any], batch_size: int = EVAL_BATCH_SIZE) -> dict[str, np.ndarray]:
     """Loss and accuracy of each model over every example of `arrays` (last batch padded and masked): arrays of shape [K]."""
     n = len(arrays["label"])
     loss = correct = 0.0
-    for batch in _padded_batches(arrays, batch_size):
+    for batch in data.padded_batches(arrays, batch_size):
         m = eval_steps(states, batch)
         loss = loss + m["loss"] * m["count"]
         correct = correct + m["accuracy"] * m["count"]
@@ -208,7 +198,7 @@ def predict_many(states: TrainState, images: np.ndarray, batch_size: int = EVAL_
     n = len(images)
     chunks = [
         np.asarray(_predict_many(states, b["image"]))
-        for b in _padded_batches({"image": np.asarray(images), "label": np.zeros(n, np.int32)}, batch_size)
+        for b in data.padded_batches({"image": np.asarray(images), "label": np.zeros(n, np.int32)}, batch_size)
     ]
     return np.concatenate(chunks, axis=1)[:, :n]
 
@@ -315,6 +305,7 @@ def fit_many(
         fn = compiled_device_steps(step_fn, chunk=n > 1)
         compiled[n] = fn.lower(states, zero_sums(), images, labels, step_indices(shape_only, 0, n), dropout_keys).compile()
     compile_time = time.perf_counter() - start
+    fit_start = time.perf_counter()  # as in `fit`: fit_time_s is the epochs', compilation apart
 
     names = ["loss", "accuracy", "val_loss", "val_accuracy"] + (["train_eval_loss", "train_eval_accuracy"] if eval_train else [])
     histories = [{**{n: [] for n in names}, "epoch_time_s": [], "eval_time_s": []} for _ in configs]
@@ -348,7 +339,7 @@ def fit_many(
             shown = "val_accuracy" if test is not None else "accuracy"
             values = " ".join(f"{a:.4f}" for a in rows[shown])
             print(f"Epoch {epoch + 1}/{config.epochs} - {train_time:.1f}s train, {eval_time:.1f}s eval - {k_models} model(s) - {shown} {values}", flush=True)
-    fit_time = time.perf_counter() - start
+    fit_time = time.perf_counter() - fit_start
     for k, history in enumerate(histories):
         history.update(compile_time_s=compile_time, fit_time_s=fit_time, nonfinite_step=nonfinite[k], seed=configs[k].seed,
                        learning_rate=configs[k].learning_rate)  # fmt: skip

@@ -9,12 +9,14 @@ compiled call and the old state's buffers donated.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import dataclasses
 import functools
 import os
 import platform
 import signal
+import sys
 import threading
 import datetime
 import json
@@ -173,15 +175,16 @@ CPU_STEPS_PER_CALL = 100
 
 def resolve_steps_per_call(config: Config, steps_per_epoch: int) -> int:
     """`config.steps_per_call`, with 0 (auto) meaning the whole epoch on accelerators and, on CPU, chunks
-    of `CPU_STEPS_PER_CALL` (1 with `checkpoint_every_steps`, so that checkpoints land on its multiples).
+    of `CPU_STEPS_PER_CALL`; and 1 everywhere with `checkpoint_every_steps`, so that checkpoints land
+    on its multiples (checkpoints are taken between calls).
 
     The tfdata pipeline feeds host batches one step at a time, so it always runs 1."""
     if config.pipeline != "device":
         return 1
     if config.steps_per_call == 0:
-        if jax.default_backend() != "cpu":
-            return steps_per_epoch
-        return 1 if config.checkpoint_every_steps else min(CPU_STEPS_PER_CALL, steps_per_epoch)
+        if config.checkpoint_every_steps:
+            return 1
+        return steps_per_epoch if jax.default_backend() != "cpu" else min(CPU_STEPS_PER_CALL, steps_per_epoch)
     return min(config.steps_per_call, steps_per_epoch)
 
 
@@ -242,15 +245,9 @@ def evaluate(state: TrainState, arrays: dict[str, Any], batch_size: int = EVAL_B
     n = len(arrays["label"])
     if dp is not None:
         batch_size = -(-batch_size // dp.num_devices) * dp.num_devices
-    padded = -(-n // batch_size) * batch_size
-    pad = lambda x: np.concatenate([np.asarray(x), np.zeros((padded - n, *x.shape[1:]), x.dtype)])  # noqa: E731
-    images, labels = pad(arrays["image"]), pad(arrays["label"])
-    mask = np.arange(padded) < n
     step = eval_step if dp is None else compiled_steps(dp)[2]
     loss_sum = correct = 0.0
-    for start in range(0, padded, batch_size):
-        window = slice(start, start + batch_size)
-        batch = {"image": images[window], "label": labels[window], "mask": mask[window]}
+    for batch in data.padded_batches(arrays, batch_size):
         m = step(state, batch if dp is None else dp.put_batch(batch))
         loss_sum += m["loss"] * m["count"]
         correct += m["accuracy"] * m["count"]
@@ -323,9 +320,17 @@ def _accumulate(sums: Metrics, metrics: Metrics, step: jax.Array) -> Metrics:
 
 
 def _prepare_workdir(config: Config, resume: bool) -> Path:
-    workdir = Path(config.workdir) if config.workdir else default_workdir(config.dataset)
+    if config.workdir is None and jax.process_count() > 1:
+        raise UserError("several processes need one --workdir on a shared file system (each would make its own default folder)")
+    # Resolved: resuming through runs/latest must keep writing to that run when a newer run moves the link.
+    workdir = Path(config.workdir).resolve() if config.workdir else default_workdir(config.dataset)
     if resume and not checkpoint.has_checkpoint(workdir):
         raise UserError(f"nothing to resume: {workdir} has no checkpoint")
+    if resume:
+        conflicts = config.resume_conflicts(Config.load(workdir / "config.json"))
+        if conflicts:
+            changed = ", ".join(f"{k}={new!r} (the run has {old!r})" for k, (new, old) in conflicts.items())
+            raise UserError(f"a resumed run continues as its config.json says; this config changes {changed}")
     if not resume and checkpoint.has_checkpoint(workdir):  # a fresh run would overwrite its config.json and mix checkpoints
         raise UserError(f"{workdir} already holds a run with checkpoints: continue it with --resume, or choose another --workdir")
     try:
@@ -361,6 +366,7 @@ def fit(
     lead = jax.process_index() == 0  # one process prints and writes the run's files
     say = print if verbose and lead else (lambda *a, **k: None)
     workdir = _prepare_workdir(config, resume)
+    link_latest = config.workdir is None  # runs/latest follows default run folders only
     config = dataclasses.replace(config, workdir=str(workdir))
 
     where = {"data_dir": config.data_dir, "manual_dir": config.manual_dir, "arrays": config.arrays}
@@ -378,13 +384,15 @@ def fit(
     position = {"epoch": 0, "step_in_epoch": 0, "sums": None, "fit_time_s": 0.0, "epoch_time_s": 0.0}
     if resume:
         state, meta = checkpoint.restore_latest(manager, state)
-        checkpoint.discard_newer(manager, int(state.step))  # unreadable ones skipped above: this run rewrites them
+        moved = checkpoint.set_aside_newer(manager, int(state.step))  # unreadable ones skipped above: this run rewrites them
+        if moved:
+            print(f"mnist_jax: warning: moved the unreadable checkpoint(s) to {moved[0].parent}", file=sys.stderr)
         history = {"train_time_s": [], **meta["history"]}  # checkpoints written before train_time_s existed
         position.update({k: meta[k] for k in position if k in meta})
         say(f"Resumed from {manager.directory} at step {int(state.step)} (epoch {position['epoch'] + 1}, step {position['step_in_epoch']} of {steps_per_epoch})")
-    elif lead:
+    if lead:  # on resume too: the epochs to train and where the data is may have changed
         config.save(workdir / "config.json")
-    if lead:
+    if lead and link_latest:
         _link_latest(workdir)
     say(summary(make_model(config)))
     if dp.num_devices > 1:
@@ -417,11 +425,16 @@ def fit(
         if int(state.step) in manager.all_steps():
             return
         meta = {
-            "epoch": epoch, "step_in_epoch": step_in_epoch, "history": history,
+            "epoch": epoch, "step_in_epoch": step_in_epoch, "history": copy.deepcopy(history),  # written later, in the background
             "sums": {k: v.item() for k, v in jax.device_get(sums).items()},
             "fit_time_s": fit_elapsed(), "epoch_time_s": epoch_elapsed,
         }  # fmt: skip
         checkpoint.save(manager, state, meta, metrics=metrics)
+
+    def stop_here() -> None:
+        manager.wait_until_finished()
+        name = signal.Signals(stop["signal"]).name
+        raise Preempted(f"stopped by {name} at step {int(state.step)}; checkpoint in {manager.directory}; continue with --resume")
 
     fit_start = time.perf_counter()
     waited = 0.0  # in `before_epoch`: not this run's time
@@ -460,11 +473,9 @@ def fit(
                 state, sums = advance(state, sums, done, n)
                 done += n
                 step = epoch * steps_per_epoch + done  # = state.step, known without a host sync
-                if stop["signal"] is not None:
+                if stop["signal"] is not None and done < steps_per_epoch:  # at the epoch's end: validate and save it as usual first
                     save(epoch, done, sums, time.perf_counter() - epoch_start)
-                    manager.wait_until_finished()
-                    name = signal.Signals(stop["signal"]).name
-                    raise Preempted(f"stopped by {name} at step {int(state.step)}; checkpoint in {manager.directory}; continue with --resume")
+                    stop_here()
                 every = config.checkpoint_every_steps
                 if every and step // every > (step - n) // every and done < steps_per_epoch:
                     save(epoch, done, sums, time.perf_counter() - epoch_start)
@@ -484,6 +495,8 @@ def fit(
                 history[key].append(value)
             say(_epoch_line(epoch + 1, config.epochs, seconds, row))
             save(epoch + 1, 0, dp.put_replicated(_zero_sums()), 0.0, metrics=val)
+            if stop["signal"] is not None and epoch + 1 < config.epochs:
+                stop_here()
     history["fit_time_s"] = fit_elapsed()
 
     test_metrics = evaluate(state, test, config.eval_batch_size, dp)

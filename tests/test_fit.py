@@ -5,8 +5,10 @@ import shutil
 
 import jax
 import numpy as np
+import pytest
 
 from mnist_jax import Config, fit, restore_checkpoint
+from mnist_jax.config import UserError
 
 
 def _leaves_equal(a, b) -> bool:
@@ -81,3 +83,61 @@ def test_auto_steps_per_call_on_cpu_is_chunks_of_100_or_one_with_step_checkpoint
     assert resolve_steps_per_call(auto, 1875) == 100
     assert resolve_steps_per_call(auto, 30) == 30  # a short epoch is one call
     assert resolve_steps_per_call(dataclasses.replace(auto, checkpoint_every_steps=7), 1875) == 1
+
+
+def test_auto_steps_per_call_on_accelerators_is_the_epoch_or_one_with_step_checkpoints(monkeypatch):
+    from mnist_jax.train import resolve_steps_per_call
+
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    auto = Config(steps_per_call=0)
+    assert resolve_steps_per_call(auto, 1875) == 1875
+    # Checkpoints are taken between calls: a whole epoch per call would never checkpoint inside it.
+    assert resolve_steps_per_call(dataclasses.replace(auto, checkpoint_every_steps=500), 1875) == 1
+    assert resolve_steps_per_call(dataclasses.replace(auto, steps_per_call=250, checkpoint_every_steps=500), 1875) == 250
+
+
+def test_resume_refuses_a_changed_recipe_and_runs_latest_stays_on_the_run(tmp_path, mnist_dirs, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = Config(epochs=1, train_examples=64, **mnist_dirs)
+    fit(base, verbose=False)  # the default folder, runs/mnist-<timestamp>, linked as runs/latest
+    latest = tmp_path / "runs" / "latest"
+    run = latest.resolve()
+    assert latest.is_symlink() and run.parent == tmp_path / "runs" and run.name.startswith("mnist-")
+    with pytest.raises(UserError, match=r"this config changes batch_size=16 \(the run has 32\)"):
+        fit(dataclasses.replace(base, epochs=2, batch_size=16, workdir="runs/latest"), resume=True, verbose=False)
+    # Resumed through the link, to more epochs: the link still points at the run, which recorded the new target.
+    state, history = fit(dataclasses.replace(base, epochs=2, workdir="runs/latest"), resume=True, verbose=False)
+    assert int(state.step) == 4 and len(history["val_accuracy"]) == 2
+    assert latest.resolve() == run and Config.load(run / "config.json").epochs == 2
+    # A folder of the user's choosing moves no link and makes none beside it.
+    fit(dataclasses.replace(base, workdir=str(tmp_path / "mine" / "run")), verbose=False)
+    assert latest.resolve() == run and not (tmp_path / "mine" / "latest").exists()
+
+
+def test_several_processes_need_a_workdir(monkeypatch):
+    from mnist_jax.train import _prepare_workdir
+
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    with pytest.raises(UserError, match="several processes need one --workdir on a shared file system"):
+        _prepare_workdir(Config(), resume=False)
+
+
+def test_a_stop_request_in_an_epochs_last_call_finishes_that_epoch_first(tmp_path, mnist_dirs):
+    import os
+    import signal
+
+    from mnist_jax import checkpoint
+    from mnist_jax.train import Preempted, create_train_state
+
+    # 10 steps an epoch in one call: a SIGTERM before epoch 1 starts is seen after that epoch's last call.
+    config = Config(epochs=2, train_examples=320, steps_per_call=10, workdir=str(tmp_path / "run"), **mnist_dirs)
+    uninterrupted, _ = fit(dataclasses.replace(config, workdir=str(tmp_path / "whole")), verbose=False)
+    with pytest.raises(Preempted, match="stopped by SIGTERM at step 10"):
+        fit(config, verbose=False, before_epoch=lambda epoch: os.kill(os.getpid(), signal.SIGTERM) if epoch == 0 else None)
+    # The checkpoint is the epoch's end, validated (not one "inside" epoch 0 at its last step).
+    with checkpoint.make_manager(tmp_path / "run" / "checkpoints") as manager:
+        assert manager.all_steps() == [10]
+        _, meta = checkpoint.restore_latest(manager, create_train_state(jax.random.key(0), config))
+    assert (meta["epoch"], meta["step_in_epoch"], len(meta["history"]["val_accuracy"])) == (1, 0, 1)
+    resumed, _ = fit(config, resume=True, verbose=False)
+    assert _leaves_equal(resumed.params, uninterrupted.params)

@@ -318,12 +318,17 @@ def test_a_truncated_latest_checkpoint_is_reported_in_one_line_and_the_previous_
     assert len(warning) == 1 and f"checkpoint step {latest} is unreadable" in warning[0], warning
     assert warning[0].endswith(f"using step {previous}"), warning
 
+    damaged_sizes = {p.relative_to(damaged): p.stat().st_size for p in damaged.rglob("*") if p.is_file()}
     result = run_cli("train", "--resume", "--workdir", workdir, *data_flags(mnist_dirs))
     assert result.returncode == 0, result.stderr[-3000:]
     lines = messages(result.stderr)
-    assert len(lines) == 1 and lines[0].startswith(f"mnist_jax: warning: checkpoint step {latest} is unreadable"), lines
+    assert len(lines) == 2 and lines[0].startswith(f"mnist_jax: warning: checkpoint step {latest} is unreadable"), lines
+    aside = workdir.resolve() / "unreadable-checkpoints"
+    assert lines[1] == f"mnist_jax: warning: moved the unreadable checkpoint(s) to {aside}", lines
     assert f"at step {previous} " in result.stdout
     assert_same_run(workdir, reference)  # and the damaged step was replaced by a readable one
+    # The damaged checkpoint was moved aside whole, not deleted.
+    assert {p.relative_to(aside / str(latest)): p.stat().st_size for p in (aside / str(latest)).rglob("*") if p.is_file()} == damaged_sizes
 
 
 # ----------------------------------------------------------------------------- NaN guard
@@ -455,6 +460,13 @@ BAD_INPUT = {
         lambda p: ["train", "--resume", "--workdir", p["prev"], "--batch-size", "64", "--data-dir", p["data_dir"]], 2,
         "continues the run as configured in its config.json; drop --batch-size 64 (the run has 32)",
     ),
+    "resume with a conflicting flag named as the user typed it": (
+        lambda p: ["train", "--resume", "--workdir", p["prev"], "--dtype", "bfloat16", "--data-dir", p["data_dir"]], 2,
+        "drop --dtype bfloat16 (the run has float32)",
+    ),
+    "export to an unwritable place": (
+        lambda p: ["export", "--out", p["unwritable"] / "mnist.npz", "--data-dir", p["data_dir"]], 2, "cannot write {unwritable}/mnist.npz"
+    ),
     "checkpoint from another model config (evaluate)": (
         lambda p: ["evaluate", "--workdir", p["mismatch"], "--data-dir", p["data_dir"]], 2, LAYER_MESSAGE
     ),
@@ -484,7 +496,9 @@ def test_bad_input_is_one_line_non_zero_and_harms_no_checkpoint(case, places, tm
     assert committed_steps(p["new"]) == [] and not (p["new"] / "config.json").exists()
 
 
-def test_debug_shows_the_traceback():
-    result = run_cli("--debug", "train", "--batch-size", "0", timeout=120)
+@pytest.mark.parametrize("where", ["before the command", "after it"])
+def test_debug_shows_the_traceback(where):
+    args = ["--debug", "train", "--batch-size", "0"] if where == "before the command" else ["train", "--batch-size", "0", "--debug"]
+    result = run_cli(*args, timeout=120)
     assert result.returncode != 0
     assert "Traceback" in result.stderr and "UserError: --batch-size must be >= 1, got 0" in result.stderr
