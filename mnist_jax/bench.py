@@ -127,16 +127,22 @@ def _load(args: argparse.Namespace):
 
 class _Turns:
     """In a worker, called before each epoch: tells the parent the epoch is ready and blocks until
-    it says go. Keeps the seconds spent waiting and each turn's wall-clock [start, end]."""
+    it says go. Keeps the seconds spent waiting and each turn's wall-clock [start, end].
+
+    The protocol has the process's original stdout to itself: everything else written to stdout,
+    by Python or C code, is sent to stderr (the parent's log file), so it cannot garble a line."""
 
     def __init__(self) -> None:
+        self.channel = os.fdopen(os.dup(1), "w", buffering=1)
+        sys.stdout.flush()
+        os.dup2(2, 1)
         self.waited = 0.0
         self.wall: list[list[float]] = []
 
     def __call__(self, epoch: int) -> None:
         start = time.perf_counter()
         self.end()
-        print(f"ready {epoch}", flush=True)
+        print(f"ready {epoch}", file=self.channel, flush=True)
         if sys.stdin.readline().strip() != "go":
             sys.exit("bench worker: the parent went away")
         self.wall.append([time.time()])
@@ -164,19 +170,27 @@ class _Worker:
         self._wait()  # data loaded, model built (and compiled, for mnist_jax): ready for epoch 0
 
     def turn(self) -> None:
-        self.process.stdin.write("go\n")
-        self.process.stdin.flush()
+        try:
+            self.process.stdin.write("go\n")
+            self.process.stdin.flush()
+        except OSError:  # it died while waiting
+            self._failed()
         self._wait()
 
     def _wait(self) -> None:
         for line in self.process.stdout:
             if line.startswith("ready "):
                 return
-            if line.startswith("{"):
+            try:
                 self.result = json.loads(line)
+            except ValueError:
+                self._failed(f"sent {line.strip()[:200]!r}")
         if self.process.wait() != 0 or self.result is None:
-            self.log.seek(0)
-            raise RuntimeError(f"the {self.kind} worker failed:\n{self.log.read()[-3000:]}")
+            self._failed()
+
+    def _failed(self, what: str = "") -> None:
+        self.log.seek(0)
+        raise RuntimeError(f"the {self.kind} worker failed{': ' + what if what else ''}:\n{self.log.read()[-3000:]}")
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -260,9 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.worker:
-        result = (_keras_worker if args.worker == "keras" else _jax_worker)(args, _Turns())
+        turns = _Turns()
+        result = (_keras_worker if args.worker == "keras" else _jax_worker)(args, turns)
         result["peak_rss_mib"] = _peak_rss_mib()
-        print(json.dumps(result))
+        print(json.dumps(result), file=turns.channel, flush=True)
         return 0
     if args.dtype != "float32" and not args.jax_only:
         parser.error("--dtype bfloat16 needs --jax-only: the Keras reference computes in float32")

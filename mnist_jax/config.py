@@ -29,10 +29,12 @@ EVAL_BATCH_SIZE = 200
 
 
 # What may differ between a run and its resumption: where things are on this machine, how many
-# checkpoints to keep, and how many epochs to train in all (each epoch's data order depends only
-# on the seed and the epoch, so a run extended to more epochs equals one that planned them).
-# Every other field decides the trained parameters.
-RESUMABLE_CHANGES = frozenset({"data_dir", "manual_dir", "arrays", "workdir", "devices", "keep_checkpoints", "epochs"})
+# checkpoints to keep, the validation batch (it changes no parameter), and how many epochs to train
+# in all (each epoch's data order depends only on the seed and the epoch, so a run extended to more
+# epochs equals one that planned them). Every other field decides the trained parameters.
+RESUMABLE_CHANGES = frozenset(
+    {"data_dir", "manual_dir", "arrays", "workdir", "devices", "keep_checkpoints", "eval_batch_size", "epochs"}
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,7 +123,8 @@ class Config:
     def flat_dict(self) -> dict[str, Any]:
         """`to_dict()` with the model's fields at the top level (their names do not clash)."""
         values = self.to_dict()
-        return {**values, **values.pop("model")}
+        model = values.pop("model")
+        return {**values, **model}
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":

@@ -358,7 +358,8 @@ def fit(
     (the steps alone); and compile_time_s (before the clock starts) and fit_time_s.
 
     `before_epoch(epoch)`, if given, is called with the 0-based epoch before that epoch's clock
-    starts (the benchmark uses it to run Keras's and mnist_jax's epochs in turns).
+    starts, once the previous epoch's checkpoint is written (the benchmark uses it to run Keras's
+    and mnist_jax's epochs in turns).
     """
     config.validate()
     dp = data_parallel(config.devices)
@@ -443,6 +444,7 @@ def fit(
     with _stop_requests() as stop, manager, contextlib.ExitStack() as bars:
         for epoch in range(position["epoch"], config.epochs):
             if before_epoch is not None:
+                manager.wait_until_finished()  # the last epoch's checkpoint is written: nothing of this run runs on
                 wait_start = time.perf_counter()
                 before_epoch(epoch)
                 waited += time.perf_counter() - wait_start

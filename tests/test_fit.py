@@ -114,6 +114,26 @@ def test_resume_refuses_a_changed_recipe_and_runs_latest_stays_on_the_run(tmp_pa
     assert latest.resolve() == run and not (tmp_path / "mine" / "latest").exists()
 
 
+def test_resume_conflicts_name_the_fields_that_decide_the_parameters():
+    from mnist_jax.config import ModelConfig
+
+    saved = Config()
+    changed = Config(batch_size=64, model=ModelConfig(dropout_rate=0.5))
+    assert changed.resume_conflicts(saved) == {"batch_size": (64, 32), "dropout_rate": (0.5, 0.25)}
+    harmless = Config(epochs=9, data_dir="/elsewhere", arrays="m.npz", devices="1", keep_checkpoints=1, eval_batch_size=50)
+    assert harmless.resume_conflicts(saved) == {}
+
+
+def test_before_epoch_runs_once_the_previous_epochs_checkpoint_is_written(tmp_path, mnist_dirs):
+    seen = {}
+    checkpoints = tmp_path / "run" / "checkpoints"
+    record = lambda epoch: seen.setdefault(epoch, sorted(p.name for p in checkpoints.iterdir()))  # noqa: E731
+    config = Config(epochs=3, train_examples=64, workdir=str(tmp_path / "run"), **mnist_dirs)
+    _, history = fit(config, verbose=False, before_epoch=record)
+    assert seen == {0: [], 1: ["2"], 2: ["2", "4"]}  # committed, no Orbax temporary folder left writing
+    assert history["fit_time_s"] >= sum(history["epoch_time_s"])
+
+
 def test_several_processes_need_a_workdir(monkeypatch):
     from mnist_jax.train import _prepare_workdir
 

@@ -460,9 +460,9 @@ BAD_INPUT = {
         lambda p: ["train", "--resume", "--workdir", p["prev"], "--batch-size", "64", "--data-dir", p["data_dir"]], 2,
         "continues the run as configured in its config.json; drop --batch-size 64 (the run has 32)",
     ),
-    "resume with a conflicting flag named as the user typed it": (
-        lambda p: ["train", "--resume", "--workdir", p["prev"], "--dtype", "bfloat16", "--data-dir", p["data_dir"]], 2,
-        "drop --dtype bfloat16 (the run has float32)",
+    "resume with conflicting flags named as the user typed them": (
+        lambda p: ["train", "--resume", "--workdir", p["prev"], "--dtype", "bfloat16", "--dropout", "0.5", "--data-dir", p["data_dir"]], 2,
+        "; drop --dtype bfloat16 (the run has float32), --dropout 0.5 (the run has 0.25)",
     ),
     "export to an unwritable place": (
         lambda p: ["export", "--out", p["unwritable"] / "mnist.npz", "--data-dir", p["data_dir"]], 2, "cannot write {unwritable}/mnist.npz"
