@@ -92,11 +92,12 @@ def _train(args: argparse.Namespace) -> int:
     if not args.workdir:
         raise UserError("--resume needs --workdir")
     saved = Config.load(Path(args.workdir) / "config.json")
-    conflicts = _apply(saved, flags).validate().resume_conflicts(saved)
+    config = _apply(saved, flags).validate()
+    conflicts = config.resume_conflicts(saved)
     if conflicts:
         dropped = ", ".join(f"{_flag(k)} {new} (the run has {old})" for k, (new, old) in conflicts.items())
         raise UserError(f"--resume continues the run as configured in its config.json; drop {dropped}")
-    fit(_apply(saved, flags).validate(), resume=True)
+    fit(config, resume=True)
     return 0
 
 
