@@ -1,7 +1,9 @@
 """Data parallelism on forced CPU devices: 4 devices train like 1, two processes train like one, checkpoints move between device counts."""
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -92,7 +94,7 @@ def test_two_processes_train_like_one(tmp_path, mnist_dirs):
     for i, (out, err) in enumerate(logs):
         with out.open("w") as stdout, err.open("w") as stderr:
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "mnist_jax", "train", *flags, "--workdir", str(tmp_path / "multi"),
+                [sys.executable, "-X", "faulthandler", "-m", "mnist_jax", "train", *flags, "--workdir", str(tmp_path / "multi"),
                  "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
                 cwd=REPO, env=env, stdout=stdout, stderr=stderr,
             ))  # fmt: skip
@@ -102,11 +104,21 @@ def test_two_processes_train_like_one(tmp_path, mnist_dirs):
             p.wait(timeout=300)
     except subprocess.TimeoutExpired:
         timed_out = True
+        for p in procs:  # a hang: faulthandler writes every thread's Python stack to stderr on SIGABRT
+            if p.poll() is None:
+                p.send_signal(signal.SIGABRT)
+        for p in procs:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(timeout=20)
     finally:
         for p in procs:
             p.kill()
     outputs = [(out.read_text(), err.read_text()) for out, err in logs]
-    tails = "\n".join(f"--- process {i} stderr:\n{err[-2000:]}" for i, (_, err) in enumerate(outputs))
+    dump = lambda err: err[err.index("Fatal Python error") :][:6000] if "Fatal Python error" in err else err[-2000:]  # noqa: E731
+    tails = "\n".join(
+        f"--- process {i} (exit {p.returncode}) stdout:\n{out[-1000:]}\n--- stderr:\n{dump(err)}"
+        for i, (p, (out, err)) in enumerate(zip(procs, outputs))
+    )
     assert not timed_out and [p.returncode for p in procs] == [0, 0], tails
     assert "Test Accuracy" in outputs[0][0] and "Test Accuracy" not in outputs[1][0]  # only process 0 prints
     one = json.loads((tmp_path / "single" / "metrics.json").read_text())
