@@ -248,12 +248,10 @@ def evaluate(state: TrainState, arrays: dict[str, Any], batch_size: int = EVAL_B
     step = eval_step if dp is None else compiled_steps(dp)[2]
     loss_sum = correct = 0.0
     for batch in data.padded_batches(arrays, batch_size):
-        # Fetched batch by batch and summed on the host (in float64): one program in flight at a time.
-        # Summing on the device queued ~50 programs ahead; two processes on CPU (gloo) once hung so.
-        m = jax.device_get(step(state, batch if dp is None else dp.put_batch(batch)))
-        loss_sum += float(m["loss"]) * float(m["count"])
-        correct += float(m["accuracy"]) * float(m["count"])
-    return {"loss": loss_sum / n, "accuracy": correct / n}
+        m = step(state, batch if dp is None else dp.put_batch(batch))
+        loss_sum += m["loss"] * m["count"]
+        correct += m["accuracy"] * m["count"]
+    return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
 
 
 def default_workdir(dataset: str) -> Path:
