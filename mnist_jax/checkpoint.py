@@ -17,6 +17,7 @@ import orbax.checkpoint as ocp
 from flax.training.train_state import TrainState
 
 from mnist_jax.config import Config, UserError
+from mnist_jax.parallel import wait_for_all_processes
 
 
 def make_manager(directory: str | Path, keep: int = 3) -> ocp.CheckpointManager:
@@ -126,11 +127,7 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[Path]:
     ones, and those would stay the "latest". Moved, not deleted: whatever made them
     unreadable may have been passing, and they stay there for a person to look at.
     """
-    several = jax.process_count() > 1
-    if several:  # every process has listed the steps (and restored) before any folder moves
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("mnist_jax:set_aside_newer:before")
+    wait_for_all_processes("mnist_jax:set_aside_newer:before")  # every process has listed the steps (and restored)
     newer = sorted(s for s in manager.all_steps() if s > step)
     directory = Path(str(manager.directory))
     aside = directory.parent / "unreadable-checkpoints"
@@ -143,8 +140,7 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[Path]:
                 target, n = aside / f"{s}-{n}", n + 1
             (directory / str(s)).rename(target)
             moved.append(target)
-    if several:
-        multihost_utils.sync_global_devices("mnist_jax:set_aside_newer:after")
+    wait_for_all_processes("mnist_jax:set_aside_newer:after")
     manager.reload()
     return moved
 

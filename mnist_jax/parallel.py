@@ -10,6 +10,7 @@ and inserts the gradient all-reduce. Multi-host runs start with
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from typing import Any
 
 import jax
@@ -34,6 +35,22 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
 
+
+def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
+    """Block until every process reaches the barrier `name` (a no-op with one process).
+
+    The coordinator's barrier, not a device collective like `multihost_utils.sync_global_devices`:
+    a CPU collective's setup (gloo) gives up after 30 s when one process arrives late, while
+    compiling or loading data can keep one process minutes behind another on a busy machine."""
+    if jax.process_count() > 1:
+        import orbax.checkpoint as ocp
+
+        # A barrier's key may be used once; every process passes its barriers in the same order, so the count agrees.
+        key = f"{name}:{next(_barriers_passed)}"
+        ocp.multihost.sync_global_processes(key, timeout=timeout_s, processes=set(range(jax.process_count())))
+
+
+_barriers_passed = itertools.count()
 
 @dataclasses.dataclass(frozen=True)
 class DataParallel:

@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 from mnist_jax import checkpoint, data
 from mnist_jax.config import EVAL_BATCH_SIZE, Config, UserError
 from mnist_jax.model import CNN, IMAGE_SHAPE, summary
-from mnist_jax.parallel import DataParallel, check_divisible, data_parallel
+from mnist_jax.parallel import DataParallel, check_divisible, data_parallel, wait_for_all_processes
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -237,17 +237,20 @@ def compiled_steps(dp: DataParallel) -> tuple[Any, Any, Any]:
     return device_step, host_step, sharded_eval
 
 
+def eval_batch_size(batch_size: int, dp: DataParallel | None) -> int:
+    """`batch_size` rounded up to a multiple of the mesh's devices, so each batch splits evenly."""
+    return batch_size if dp is None else -(-batch_size // dp.num_devices) * dp.num_devices
+
+
 def evaluate(state: TrainState, arrays: dict[str, Any], batch_size: int = EVAL_BATCH_SIZE, dp: DataParallel | None = None) -> dict[str, float]:
     """Loss and accuracy over every example of `arrays`; the last batch is padded and masked, never dropped.
 
     With `dp`, each batch is split over the mesh (the batch is rounded up to a multiple of its devices).
     """
     n = len(arrays["label"])
-    if dp is not None:
-        batch_size = -(-batch_size // dp.num_devices) * dp.num_devices
     step = eval_step if dp is None else compiled_steps(dp)[2]
     loss_sum = correct = 0.0
-    for batch in data.padded_batches(arrays, batch_size):
+    for batch in data.padded_batches(arrays, eval_batch_size(batch_size, dp)):
         m = step(state, batch if dp is None else dp.put_batch(batch))
         loss_sum += m["loss"] * m["count"]
         correct += m["accuracy"] * m["count"]
@@ -399,17 +402,12 @@ def fit(
     if dp.num_devices > 1:
         say(f"Data parallel over {dp.num_devices} devices ({jax.process_count()} process(es)): {config.batch_size // dp.num_devices} examples per device per step")
 
-    device_step, host_step, _ = compiled_steps(dp)
+    device_step, host_step, eval_step_dp = compiled_steps(dp)
     per_call = resolve_steps_per_call(config, steps_per_epoch)
-    if jax.process_count() > 1:
-        # Line the processes up before the first collective: its setup times out if one lags far behind.
-        from jax.experimental import multihost_utils
-
-        multihost_utils.sync_global_devices("mnist_jax:fit:start")
+    # Compile before the clock starts, so epochs time training alone (a warm compilation cache makes this quick).
+    compile_start = time.perf_counter()
     if config.pipeline == "device":
         images, labels = dp.put_replicated(train["image"]), dp.put_replicated(train["label"])
-        # Compile before the clock starts, so epochs time training alone (a warm compilation cache makes this quick).
-        compile_start = time.perf_counter()
         sums0 = dp.put_replicated(_zero_sums())
         if per_call == 1:
             indices = dp.put_batch(np.zeros(config.batch_size, np.int32))
@@ -418,8 +416,14 @@ def fit(
             scalar = dp.put_replicated(np.int32(0))
             for n in {per_call, steps_per_epoch % per_call} - {0}:  # the full chunk, and the epoch's last, shorter one
                 compiled_chunk(dp, n, config.batch_size).lower(state, sums0, images, labels, keys.data, scalar, scalar, keys.dropout).compile()
-        history["compile_time_s"] = history.get("compile_time_s", 0.0) + time.perf_counter() - compile_start
+    # Evaluation's step too (every batch has this one shape): compiled at its first call, each process
+    # would reach evaluation's first collective whenever its own compilation happened to end.
+    eval_batch = next(data.padded_batches(test, eval_batch_size(config.eval_batch_size, dp)))
+    eval_step_dp.lower(state, dp.put_batch(eval_batch)).compile()
+    history["compile_time_s"] = history.get("compile_time_s", 0.0) + time.perf_counter() - compile_start
+    if config.pipeline == "device":
         say(f"Compiled in {time.perf_counter() - compile_start:.1f} s ({per_call} step(s) per call)")
+    wait_for_all_processes("mnist_jax:fit:start")  # right before the first collective: none waits long in it
 
     def save(epoch: int, step_in_epoch: int, sums: Metrics, epoch_elapsed: float, metrics=None) -> None:
         _raise_if_nonfinite(sums, manager)

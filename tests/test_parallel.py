@@ -84,6 +84,10 @@ def test_two_processes_train_like_one(tmp_path, mnist_dirs):
     assert single.returncode == 0, single.stderr[-2000:]
     import socket
 
+    # Should a collective hang, XLA says which one (warnings shown) and ends the process well before the test's timeout.
+    stuck = "--xla_cpu_collective_call_warn_stuck_timeout_seconds=30 --xla_cpu_collective_call_terminate_timeout_seconds=150"
+    env = {**env, "XLA_FLAGS": f"{env['XLA_FLAGS']} {stuck}", "TF_CPP_MIN_LOG_LEVEL": "1"}
+
     with socket.socket() as sock:  # a free port for the coordinator
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
