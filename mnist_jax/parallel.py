@@ -52,6 +52,7 @@ def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
 
 _barriers_passed = itertools.count()
 
+
 @dataclasses.dataclass(frozen=True)
 class DataParallel:
     """The mesh and the two shardings a data-parallel run needs."""
