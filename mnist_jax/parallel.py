@@ -88,6 +88,20 @@ class DataParallel:
         local = jax.tree.map(self.batch_rows, global_batch)
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch, x), local)
 
+    def settle(self, tree: Any) -> Any:
+        """Return `tree`, first waiting for it on CPU meshes that span processes (elsewhere: at once).
+
+        XLA's CPU client launches each device's part of a program from a pool of one thread per
+        core. With programs queued behind a collective one, their launches can take every thread
+        of a 2-core machine's pool while the collective still waits for one device's part: that
+        process then never joins the collective and both processes hang in gloo (stacks seen in
+        the two-process test). Waiting for each collective program before the next is dispatched
+        leaves nothing queued behind it; it costs little on CPU, where steps run back to back anyway.
+        """
+        if jax.process_count() > 1 and self.platform == "cpu":
+            jax.block_until_ready(tree)
+        return tree
+
     def put_replicated(self, tree: Any) -> Any:
         if jax.process_count() == 1:
             return jax.device_put(tree, self.replicated)

@@ -251,7 +251,7 @@ def evaluate(state: TrainState, arrays: dict[str, Any], batch_size: int = EVAL_B
     step = eval_step if dp is None else compiled_steps(dp)[2]
     loss_sum = correct = 0.0
     for batch in data.padded_batches(arrays, eval_batch_size(batch_size, dp)):
-        m = step(state, batch if dp is None else dp.put_batch(batch))
+        m = step(state, batch) if dp is None else dp.settle(step(state, dp.put_batch(batch)))
         loss_sum += m["loss"] * m["count"]
         correct += m["accuracy"] * m["count"]
     return {"loss": float(loss_sum) / n, "accuracy": float(correct) / n}
@@ -476,7 +476,7 @@ def fit(
             done = first_step
             while done < steps_per_epoch:
                 n = min(per_call, steps_per_epoch - done)
-                state, sums = advance(state, sums, done, n)
+                state, sums = dp.settle(advance(state, sums, done, n))
                 done += n
                 step = epoch * steps_per_epoch + done  # = state.step, known without a host sync
                 if stop["signal"] is not None and done < steps_per_epoch:  # at the epoch's end: validate and save it as usual first
