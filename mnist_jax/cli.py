@@ -6,8 +6,13 @@ import argparse
 import dataclasses
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mnist_jax.config import DATASETS, Config, ModelConfig, UserError
+
+if TYPE_CHECKING:  # flax is imported only by the commands that need it
+    from flax.training.train_state import TrainState
 
 
 class _Parser(argparse.ArgumentParser):
@@ -79,8 +84,6 @@ def _flag(field: str) -> str:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from mnist_jax.parallel import initialize_distributed
     from mnist_jax.train import fit
 
@@ -109,13 +112,18 @@ def _test_split(args: argparse.Namespace, config: Config) -> dict:
     return data.load_split(config.dataset, "test", **where)
 
 
-def _evaluate(args: argparse.Namespace) -> int:
+def _restore(workdir_or_path: str) -> tuple[Path, Config, TrainState]:
+    """The run's workdir, its config, and the train state of its latest checkpoint (or the step folder given)."""
     from mnist_jax import checkpoint
+
+    workdir, _ = checkpoint.find_workdir(workdir_or_path)
+    return workdir, Config.load(workdir / "config.json"), checkpoint.restore_checkpoint(workdir_or_path)
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     from mnist_jax.train import evaluate
 
-    workdir, _ = checkpoint.find_workdir(args.workdir)
-    config = Config.load(workdir / "config.json")
-    state = checkpoint.restore_checkpoint(args.workdir)
+    _, config, state = _restore(args.workdir)
     test = _test_split(args, config)
     metrics = evaluate(state, test, config.eval_batch_size)
     print(f"Test Loss : {metrics['loss']:.4f}")
@@ -139,11 +147,9 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from mnist_jax import analysis, checkpoint, data
+    from mnist_jax import analysis, data
 
-    workdir, _ = checkpoint.find_workdir(args.workdir)
-    config = Config.load(workdir / "config.json")
-    state = checkpoint.restore_checkpoint(args.workdir)
+    workdir, config, state = _restore(args.workdir)
     history = analysis.load_history(workdir)
     test = _test_split(args, config)
     names = data.CLASS_NAMES[config.dataset]
@@ -171,14 +177,12 @@ def _analyze(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mnist_jax import analysis, checkpoint, data
+    from mnist_jax import analysis, data
     from mnist_jax.images import ImageError, format_prediction, read_image
 
     if args.top < 1:
         raise UserError(f"--top must be >= 1, got {args.top}")
-    workdir, _ = checkpoint.find_workdir(args.workdir)
-    config = Config.load(workdir / "config.json")
-    state = checkpoint.restore_checkpoint(args.workdir)
+    _, config, state = _restore(args.workdir)
     # Fashion-MNIST items fill the 28x28 field and are centred by their box, not their mass.
     options = {} if config.dataset == "mnist" else {"box": 28, "center": "box"}
     paths, inputs, failed = [], [], 0

@@ -117,14 +117,12 @@ class StepKeys:
 def _device_train_step(
     state: TrainState, sums: Metrics, images: jax.Array, labels: jax.Array, indices: jax.Array, dropout_key: jax.Array
 ) -> tuple[TrainState, Metrics]:
-    """`train_step` on a batch gathered on the device; metric sums accumulate without a host sync."""
-    batch = {"image": images[indices], "label": labels[indices]}
-    step = state.step
-    state, metrics = _train_step(state, batch, jax.random.fold_in(dropout_key, step))
-    return state, _accumulate(sums, metrics, step)
+    """`_host_train_step` on a batch gathered on the device."""
+    return _host_train_step(state, sums, {"image": images[indices], "label": labels[indices]}, dropout_key)
 
 
 def _host_train_step(state: TrainState, sums: Metrics, batch: Batch, dropout_key: jax.Array) -> tuple[TrainState, Metrics]:
+    """`train_step` with the dropout key folded with the step; metric sums accumulate without a host sync."""
     step = state.step
     state, metrics = _train_step(state, batch, jax.random.fold_in(dropout_key, step))
     return state, _accumulate(sums, metrics, step)

@@ -254,6 +254,8 @@ def test_analyze_cli_writes_all_outputs(run, capsys):
     assert count == round((1 - accuracy) * 10000)
     assert re.search(r"^First 10 predictions: \[(\d ){9}\d\]$", out, re.M)
     assert f"Test Accuracy : {accuracy:.4f}" in out
+    loss = json.loads((workdir / "metrics.json").read_text())["test_loss"]
+    assert f"Test Loss : {loss:.4f}" in out  # fit's and analyze's test loss are one definition
 
     outdir = workdir / "analysis"
     assert all((outdir / name).is_file() for name in OUTPUTS)
