@@ -91,12 +91,13 @@ class DataParallel:
     def settle(self, tree: Any) -> Any:
         """Return `tree`, first waiting for it on CPU meshes that span processes (elsewhere: at once).
 
-        XLA's CPU client launches each device's part of a program from a pool of one thread per
-        core. With programs queued behind a collective one, their launches can take every thread
-        of a 2-core machine's pool while the collective still waits for one device's part: that
-        process then never joins the collective and both processes hang in gloo (stacks seen in
-        the two-process test). Waiting for each collective program before the next is dispatched
-        leaves nothing queued behind it; it costs little on CPU, where steps run back to back anyway.
+        XLA's CPU client launches each device's part of a program from a thread pool, and a launch
+        may block there (on the previous collective's launch, on the in-flight limit). With programs
+        queued behind a collective one, gdb showed (two processes x two devices, 2 cores) one device's
+        part of an evaluation step waiting in gloo while the other device's part never started, its
+        launch stuck behind the queued ones: both processes hung, 4 runs in 4. Waiting for each
+        collective program before dispatching the next leaves nothing queued behind it (9 clean runs
+        in 9); it costs little on CPU, where the steps run back to back anyway.
         """
         if jax.process_count() > 1 and self.platform == "cpu":
             jax.block_until_ready(tree)
