@@ -21,7 +21,14 @@ from mnist_jax.parallel import wait_for_all_processes
 
 
 def make_manager(directory: str | Path, keep: int = 3) -> ocp.CheckpointManager:
+    directory = Path(directory).absolute()
     policy = ocp.checkpoint_managers
+    processes = jax.process_count()
+    if processes > 1:
+        # Naming every process makes Orbax's barriers the coordinator's (key-value) barriers, like
+        # `wait_for_all_processes`, rather than device collectives that would queue among the training
+        # step's. Orbax then leaves creating the directory to us.
+        directory.mkdir(parents=True, exist_ok=True)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy.AnyPreservationPolicy(
             [
@@ -33,14 +40,12 @@ def make_manager(directory: str | Path, keep: int = 3) -> ocp.CheckpointManager:
                 ),
             ]
         ),
-        create=True,
-        # Multi-process: save synchronously, so Orbax's cross-process barriers never interleave
-        # with the training step's collectives.
-        enable_async_checkpointing=jax.process_count() == 1,
+        create=processes == 1,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(active_processes=set(range(processes)) if processes > 1 else None),
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     with _quiet_absl():  # an unreadable step's metadata is logged as an ERROR here; restore_latest reports it in one line
-        return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers=handlers)
+        return ocp.CheckpointManager(directory, options=options, item_handlers=handlers)
 
 
 def has_checkpoint(workdir: str | Path) -> bool:

@@ -74,8 +74,10 @@ def test_batch_must_divide_over_devices(tmp_path):
 
 
 def test_two_processes_train_like_one(tmp_path, mnist_dirs):
-    """Two processes on 127.0.0.1 with two CPU devices each (gloo collectives) against one process."""
-    flags = ["--epochs", "1", "--train-examples", "640", "--data-dir", mnist_dirs["data_dir"], "--manual-dir", mnist_dirs["manual_dir"]]
+    """Two processes on 127.0.0.1 with two CPU devices each (gloo collectives) against one process.
+
+    Two epochs: the first epoch's checkpoint is written in the background while the second trains."""
+    flags = ["--epochs", "2", "--train-examples", "640", "--data-dir", mnist_dirs["data_dir"], "--manual-dir", mnist_dirs["manual_dir"]]
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
     single = subprocess.run(
         [sys.executable, "-m", "mnist_jax", "train", *flags, "--workdir", str(tmp_path / "single")],
@@ -130,3 +132,6 @@ def test_two_processes_train_like_one(tmp_path, mnist_dirs):
     two = json.loads((tmp_path / "multi" / "metrics.json").read_text())
     assert two["test_loss"] == pytest.approx(one["test_loss"], rel=1e-4)
     assert two["test_accuracy"] == pytest.approx(one["test_accuracy"], abs=2e-4)
+    single_history, multi_history = (json.loads((tmp_path / w / "history.json").read_text()) for w in ("single", "multi"))
+    assert multi_history["val_loss"] == pytest.approx(single_history["val_loss"], rel=1e-4)  # both epochs
+    assert sorted(int(p.name) for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == [20, 40]
