@@ -22,13 +22,11 @@ from mnist_jax.parallel import wait_for_all_processes
 
 def make_manager(directory: str | Path, keep: int = 3) -> ocp.CheckpointManager:
     directory = Path(directory).absolute()
+    # Naming every process makes Orbax's barriers across processes the coordinator's (key-value)
+    # barriers, like `wait_for_all_processes`, rather than device collectives that would queue among
+    # the training step's (with one process there are none). Orbax then leaves creating the directory to us.
+    directory.mkdir(parents=True, exist_ok=True)
     policy = ocp.checkpoint_managers
-    processes = jax.process_count()
-    if processes > 1:
-        # Naming every process makes Orbax's barriers the coordinator's (key-value) barriers, like
-        # `wait_for_all_processes`, rather than device collectives that would queue among the training
-        # step's. Orbax then leaves creating the directory to us.
-        directory.mkdir(parents=True, exist_ok=True)
     options = ocp.CheckpointManagerOptions(
         preservation_policy=policy.AnyPreservationPolicy(
             [
@@ -40,8 +38,8 @@ def make_manager(directory: str | Path, keep: int = 3) -> ocp.CheckpointManager:
                 ),
             ]
         ),
-        create=processes == 1,
-        multiprocessing_options=ocp.options.MultiprocessingOptions(active_processes=set(range(processes)) if processes > 1 else None),
+        create=False,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(active_processes=set(range(jax.process_count()))),
     )
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     with _quiet_absl():  # an unreadable step's metadata is logged as an ERROR here; restore_latest reports it in one line
@@ -168,6 +166,11 @@ def restore_checkpoint(workdir_or_path: str | Path, sharding: jax.sharding.Shard
     Arrays land with `sharding` (default: on the first local device), whatever the
     device count of the run that saved them.
     """
+    return restore_run(workdir_or_path, sharding)[2]
+
+
+def restore_run(workdir_or_path: str | Path, sharding: jax.sharding.Sharding | None = None) -> tuple[Path, Config, TrainState]:
+    """`restore_checkpoint`, with the run's workdir and config it found on the way."""
     from mnist_jax.train import create_train_state  # train imports this module
 
     workdir, step = find_workdir(workdir_or_path)
@@ -180,4 +183,4 @@ def restore_checkpoint(workdir_or_path: str | Path, sharding: jax.sharding.Shard
     # eval_shape keeps the static fields (apply_fn, tx) and gives abstract leaves.
     with make_manager(workdir / "checkpoints", config.keep_checkpoints) as manager:
         state, _ = restore_latest(manager, like, step)
-    return state
+    return workdir, config, state

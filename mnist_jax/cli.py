@@ -7,12 +7,8 @@ import dataclasses
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from mnist_jax.config import DATASETS, Config, ModelConfig, UserError
-
-if TYPE_CHECKING:  # flax is imported only by the commands that need it
-    from flax.training.train_state import TrainState
 
 
 class _Parser(argparse.ArgumentParser):
@@ -112,18 +108,11 @@ def _test_split(args: argparse.Namespace, config: Config) -> dict:
     return data.load_split(config.dataset, "test", **where)
 
 
-def _restore(workdir_or_path: str) -> tuple[Path, Config, TrainState]:
-    """The run's workdir, its config, and the train state of its latest checkpoint (or the step folder given)."""
-    from mnist_jax import checkpoint
-
-    workdir, _ = checkpoint.find_workdir(workdir_or_path)
-    return workdir, Config.load(workdir / "config.json"), checkpoint.restore_checkpoint(workdir_or_path)
-
-
 def _evaluate(args: argparse.Namespace) -> int:
+    from mnist_jax import checkpoint
     from mnist_jax.train import evaluate
 
-    _, config, state = _restore(args.workdir)
+    _, config, state = checkpoint.restore_run(args.workdir)
     test = _test_split(args, config)
     metrics = evaluate(state, test, config.eval_batch_size)
     print(f"Test Loss : {metrics['loss']:.4f}")
@@ -147,9 +136,9 @@ def _summary(args: argparse.Namespace) -> int:
 
 
 def _analyze(args: argparse.Namespace) -> int:
-    from mnist_jax import analysis, data
+    from mnist_jax import analysis, checkpoint, data
 
-    workdir, config, state = _restore(args.workdir)
+    workdir, config, state = checkpoint.restore_run(args.workdir)
     history = analysis.load_history(workdir)
     test = _test_split(args, config)
     names = data.CLASS_NAMES[config.dataset]
@@ -177,12 +166,12 @@ def _analyze(args: argparse.Namespace) -> int:
 def _predict(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from mnist_jax import analysis, data
+    from mnist_jax import analysis, checkpoint, data
     from mnist_jax.images import ImageError, format_prediction, read_image
 
     if args.top < 1:
         raise UserError(f"--top must be >= 1, got {args.top}")
-    _, config, state = _restore(args.workdir)
+    _, config, state = checkpoint.restore_run(args.workdir)
     # Fashion-MNIST items fill the 28x28 field and are centred by their box, not their mass.
     options = {} if config.dataset == "mnist" else {"box": 28, "center": "box"}
     paths, inputs, failed = [], [], 0
