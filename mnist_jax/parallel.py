@@ -89,7 +89,7 @@ class DataParallel:
         return jax.tree.map(lambda x: jax.make_array_from_process_local_data(self.batch, x), local)
 
     def settle(self, tree: Any) -> Any:
-        """Return `tree`, first waiting for it on CPU meshes that span processes (elsewhere: at once).
+        """Return `tree`, first waiting for it on CPU meshes of several devices (elsewhere: at once).
 
         XLA's CPU client launches each device's part of a program from a thread pool, and a launch
         may block there (on the previous collective's launch, on the in-flight limit). With programs
@@ -97,9 +97,10 @@ class DataParallel:
         part of an evaluation step waiting in gloo while the other device's part never started, its
         launch stuck behind the queued ones: both processes hung, 4 runs in 4. Waiting for each
         collective program before dispatching the next leaves nothing queued behind it (9 clean runs
-        in 9); it costs little on CPU, where the steps run back to back anyway.
+        in 9). One process with 4 forced CPU devices hung the same way once (3 of 4 devices in an
+        all-reduce). It costs little on CPU, where the steps run back to back anyway.
         """
-        if jax.process_count() > 1 and self.platform == "cpu":
+        if self.num_devices > 1 and self.platform == "cpu":
             jax.block_until_ready(tree)
         return tree
 
