@@ -6,16 +6,17 @@
 #   pip install --target .carry/site tqdm                       # here: the one dependency such a machine may lack
 #   bash experiments/accelerator.sh .carry/mnist.npz OUT_DIR    # there, from the repository root, carrying .carry
 #
-# It prints the device, then runs: the seed recipe (batch 32, 5 epochs) through `fit` in float32 and
-# in bfloat16 (an epoch per compiled call, 2 runs each: the second compiles from the persistent
-# cache), the speedrun recipe over 5 seeds (time to 99 % and 99.25 %), and the seed recipe's step
-# with each form of convolution (experiments/conv_forms.py). Each part has its own time
-# limit, so one slow part cannot use up a short session; a part that fails or times out is reported
-# and the others still run. Logs and JSON go to OUT_DIR (default results/accelerator).
+# It prints the device, then runs, each part under its own time limit (a part that fails or times
+# out is reported and the others still run): the seed recipe (batch 32, 5 epochs) through `fit` in
+# float32 (2 runs: the second compiles from the persistent cache); the speedrun recipe over 5 seeds
+# (time to 99 % and 99.25 %); the seed recipe's step in each variant the library can run
+# (experiments/step_time.py: float32/bfloat16, each convolution form, scan unrolling, one step per
+# call), with a profiler trace of 100 steps; the seed recipe in bfloat16; the speedrun in bfloat16.
+# Logs and JSON go to OUT_DIR (default results/accelerator).
 set -u
 arrays=${1:?usage: bash experiments/accelerator.sh MNIST.npz [OUT_DIR]}
 out=${2:-results/accelerator}
-py=${PYTHON:-python}
+py=${PYTHON:-$(command -v python || command -v python3)}
 repo=$(cd "$(dirname "$0")/.." && pwd)
 # mnist_jax from this checkout (it need not be installed there), and carried packages when present.
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
@@ -33,9 +34,10 @@ part() {  # part NAME SECONDS COMMAND...: run it with a limit, keep its log, sho
     echo "== $name: exit $rc after $((SECONDS - start)) s"
 }
 
-# In order of importance; the limits add up to 560 s, under the device tool's 600 s per command.
-part device 60 "$py" -c "import jax, mnist_jax; print('jax', jax.__version__, jax.devices())"
-part bench-float32 150 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --out "$out/bench-float32.json"
-part speedrun 150 "$py" experiments/speedrun.py --arrays "$arrays" --out "$out/speedrun"
-part bench-bfloat16 100 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --dtype bfloat16 --out "$out/bench-bfloat16.json"
-part conv-forms 100 "$py" experiments/conv_forms.py --arrays "$arrays" --out "$out/conv_forms"
+# In order of importance; the limits add up to 540 s, under the device tool's 600 s per command.
+part device 30 sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; $py -c \"import jax, mnist_jax; print('jax', jax.__version__, jax.devices())\""
+part bench-float32 120 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --out "$out/bench-float32.json"
+part speedrun 90 "$py" experiments/speedrun.py --arrays "$arrays" --out "$out/speedrun"
+part step-time 150 "$py" experiments/step_time.py --arrays "$arrays" --trace-steps 100 --out "$out/step_time"
+part bench-bfloat16 90 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --dtype bfloat16 --out "$out/bench-bfloat16.json"
+part speedrun-bfloat16 60 "$py" experiments/speedrun.py --arrays "$arrays" --dtype bfloat16 --out "$out/speedrun-bfloat16"

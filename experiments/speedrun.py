@@ -29,25 +29,27 @@ class SpeedrunCNN(nn.Module):
     width: int = 32
     hidden: int = 128
     dtype: str = "float32"
+    conv_form: str = "matmul"  # how the convolutions train (mnist_jax.model.Conv)
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         x = images.astype(self.dtype)
         for i, features in enumerate((self.width, 2 * self.width)):
-            x = Pool2x2("max")(nn.relu(Conv(features, 3, dtype=self.dtype, name=f"conv{i + 1}")(x)))
+            x = Pool2x2("max")(nn.relu(Conv(features, 3, dtype=self.dtype, form=self.conv_form, name=f"conv{i + 1}")(x, train)))
         x = Flatten()(x)
         if self.hidden:
             x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))
         return nn.Dense(10, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-args = parse_args(__doc__, full=dict(epochs=3, batch_size=128, peak_learning_rate=3e-3, width=32, hidden=128, dtype="float32", label_smoothing=0.1),
+args = parse_args(__doc__, full=dict(epochs=3, batch_size=128, peak_learning_rate=3e-3, width=32, hidden=128, dtype="float32", label_smoothing=0.1,
+                       conv_form="matmul"),
                   quick=dict(epochs=2), seeds="5", quick_seeds="1")  # fmt: skip
 run = Run(args)
 train, test = load(args)
 steps = len(train["label"]) // args.batch_size
 optimizer = optax.adam(optax.cosine_onecycle_schedule(args.epochs * steps, args.peak_learning_rate, pct_start=0.25), eps=1e-7)
-model = SpeedrunCNN(args.width, args.hidden, args.dtype)
+model = SpeedrunCNN(args.width, args.hidden, args.dtype, args.conv_form)
 results, rows = [], []
 for seed in args.seeds:
     config = Config(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, seed=seed, eval_batch_size=2000)

@@ -130,7 +130,7 @@ def _host_train_step(state: TrainState, sums: Metrics, batch: Batch, dropout_key
 
 def _device_train_steps(
     state: TrainState, sums: Metrics, images: jax.Array, labels: jax.Array, data_key: jax.Array, epoch: jax.Array,
-    start: jax.Array, dropout_key: jax.Array, *, num_steps: int, batch_size: int, dp: DataParallel,
+    start: jax.Array, dropout_key: jax.Array, *, num_steps: int, batch_size: int, dp: DataParallel, unroll: int = 1,
 ) -> tuple[TrainState, Metrics]:
     """Steps `start .. start+num_steps` of `epoch` in one call: the epoch's order is drawn on the device
     (the same permutation `fit` draws on the host) and the steps run under `lax.scan`."""
@@ -141,7 +141,7 @@ def _device_train_steps(
         indices = jax.lax.with_sharding_constraint(indices, dp.batch)  # each device gathers its part of the batch
         return _device_train_step(*carry, images, labels, indices, dropout_key), None
 
-    (state, sums), _ = jax.lax.scan(body, (state, sums), chunk)
+    (state, sums), _ = jax.lax.scan(body, (state, sums), chunk, unroll=unroll)
     return state, sums
 
 
@@ -157,10 +157,11 @@ def donation_compiler_options(platform: str | None = None) -> dict[str, Any] | N
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_chunk(dp: DataParallel, num_steps: int, batch_size: int) -> Any:
-    """`_device_train_steps` jitted for a mesh and a chunk length; old state and sums donated."""
+def compiled_chunk(dp: DataParallel, num_steps: int, batch_size: int, unroll: int = 1) -> Any:
+    """`_device_train_steps` jitted for a mesh and a chunk length; old state and sums donated.
+    `unroll` steps per iteration of the scan's loop."""
     rep = dp.replicated
-    fn = functools.partial(_device_train_steps, num_steps=num_steps, batch_size=batch_size, dp=dp)
+    fn = functools.partial(_device_train_steps, num_steps=num_steps, batch_size=batch_size, dp=dp, unroll=unroll)
     options = donation_compiler_options(dp.platform)
     return jax.jit(fn, in_shardings=(rep,) * 8, out_shardings=(rep, rep), donate_argnums=(0, 1), compiler_options=options)
 
