@@ -3,15 +3,15 @@
 # TensorFlow or a network (such as the GPU machine lent to some sessions). Prepare here, run there:
 #
 #   python -m mnist_jax export --out .carry/mnist.npz          # here (tfds); 11 MiB
-#   pip install --target .carry/site tqdm                       # here: the one dependency such a machine may lack
+#   pip install --target .carry/site tqdm                       # here, if that machine lacks tqdm (the H200 had it)
 #   bash experiments/accelerator.sh .carry/mnist.npz OUT_DIR    # there, from the repository root, carrying .carry
 #
 # It prints the device, then runs, each part under its own time limit (a part that fails or times
 # out is reported and the others still run): the seed recipe (batch 32, 5 epochs) through `fit` in
 # float32 (2 runs: the second compiles from the persistent cache); the speedrun recipe over 5 seeds
-# (time to 99 % and 99.25 %); the seed recipe's step in each variant the library can run
+# (time to 99 % and 99.25 %; bfloat16 on accelerators); the seed recipe's step in each variant the library can run
 # (experiments/step_time.py: float32/bfloat16, each convolution form, scan unrolling, one step per
-# call), with a profiler trace of 100 steps; the seed recipe in bfloat16; the speedrun in bfloat16.
+# call), with a profiler trace of 100 steps; the seed recipe in bfloat16; the speedrun in float32.
 # Logs and JSON go to OUT_DIR (default results/accelerator).
 set -u
 arrays=${1:?usage: bash experiments/accelerator.sh MNIST.npz [OUT_DIR]}
@@ -34,10 +34,10 @@ part() {  # part NAME SECONDS COMMAND...: run it with a limit, keep its log, sho
     echo "== $name: exit $rc after $((SECONDS - start)) s"
 }
 
-# In order of importance; the limits add up to 540 s, under the device tool's 600 s per command.
+# In order of importance; the limits add up to 550 s (on the H200 the parts took 5, 36, 61, >150, 35 and 57 s), under the device tool's 600 s per command.
 part device 30 sh -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; $py -c \"import jax, mnist_jax; print('jax', jax.__version__, jax.devices())\""
-part bench-float32 120 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --out "$out/bench-float32.json"
+part bench-float32 90 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --out "$out/bench-float32.json"
 part speedrun 90 "$py" experiments/speedrun.py --arrays "$arrays" --out "$out/speedrun"
-part step-time 150 "$py" experiments/step_time.py --arrays "$arrays" --trace-steps 100 --out "$out/step_time"
-part bench-bfloat16 90 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --dtype bfloat16 --out "$out/bench-bfloat16.json"
-part speedrun-bfloat16 60 "$py" experiments/speedrun.py --arrays "$arrays" --dtype bfloat16 --out "$out/speedrun-bfloat16"
+part step-time 190 "$py" experiments/step_time.py --arrays "$arrays" --repeats 2 --trace-steps 100 --out "$out/step_time"
+part bench-bfloat16 70 "$py" -m mnist_jax.bench --jax-only --arrays "$arrays" --dtype bfloat16 --out "$out/bench-bfloat16.json"
+part speedrun-float32 80 "$py" experiments/speedrun.py --arrays "$arrays" --dtype float32 --out "$out/speedrun-float32"

@@ -3,7 +3,9 @@
 Changes from the seed recipe, all of them allowed by the speedrun rules and reported here: a
 smaller CNN (Conv3x3·w → pool → Conv3x3·2w → pool → Dense h → Dense 10: 3x3 kernels, a Dense 128
 instead of 1000), batch 128, Adam with a one-cycle schedule (warm up for 25 % of the steps, cosine
-down), label smoothing 0.1, no dropout, 3 epochs. The whole training set sits on the device; model
+down), label smoothing 0.1, no dropout, 4 epochs, and bfloat16 compute on GPU/TPU (`--dtype auto`;
+float32 on CPU, where XLA's bfloat16 steps ran 2x slower). On an H200, 3 epochs reached 99.25 % with
+2 seeds of 5, 4 epochs with all 5. The whole training set sits on the device; model
 k of `--seeds` is trained on its own (one model at a time, so the time is one model's). The test
 set is evaluated after every epoch, outside the clock: time-to-X is the training time up to the
 end of the first epoch whose test accuracy reaches X. Compilation is timed apart (and cached on
@@ -42,9 +44,11 @@ class SpeedrunCNN(nn.Module):
         return nn.Dense(10, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-args = parse_args(__doc__, full=dict(epochs=3, batch_size=128, peak_learning_rate=3e-3, width=32, hidden=128, dtype="float32", label_smoothing=0.1,
+args = parse_args(__doc__, full=dict(epochs=4, batch_size=128, peak_learning_rate=3e-3, width=32, hidden=128, dtype="auto", label_smoothing=0.1,
                        conv_form="matmul"),
                   quick=dict(epochs=2), seeds="5", quick_seeds="1")  # fmt: skip
+if args.dtype == "auto":  # resolved before the results record the sizes
+    args.dtype = args.sizes["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
 run = Run(args)
 train, test = load(args)
 steps = len(train["label"]) // args.batch_size

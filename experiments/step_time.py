@@ -84,7 +84,7 @@ for dtype, form, unroll in itertools.product(args.dtypes, args.forms, args.unrol
         for trace in (run.out / "profile").rglob("perfetto_trace.json.gz"):
             shutil.copy(trace, run.out / "trace.json.gz")
 
-for dtype, form in itertools.product(args.dtypes, args.forms):  # one step per call: a dispatch from the host each step
+for dtype, form in itertools.product(args.dtypes, args.forms) if args.dispatch_steps else ():  # one step per call: a host dispatch each
     state = fresh_state(dtype, form)
     device_step = compiled_steps(dp)[0]
     order = np.asarray(jax.random.permutation(keys.data, len(train["label"])))[: (args.dispatch_steps + 20) * config.batch_size]

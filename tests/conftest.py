@@ -51,6 +51,7 @@ SLOW_TESTS = {
     "test_two_processes_train_like_one",
     "test_four_devices_train_like_one_and_checkpoints_move",
     "test_an_experiment_writes_results_json_table_and_plot",
+    "test_step_time_times_each_variant_and_the_unrolled_scan_trains_the_same",
     "test_keras_and_jax_take_turns_epoch_by_epoch_and_the_ratio_comes_last",
 }
 

@@ -31,6 +31,21 @@ def test_an_experiment_writes_results_json_table_and_plot(tmp_path, mnist_dirs):
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_step_time_times_each_variant_and_the_unrolled_scan_trains_the_same(tmp_path, mnist_dirs):
+    cmd = [sys.executable, "experiments/step_time.py", "--quick", "--steps", "6", "--repeats", "1", "--dtypes", "float32",
+           "--forms", "matmul", "--unrolls", "1,4", "--dispatch-steps", "3", "--trace-steps", "2", "--out", str(tmp_path),
+           "--data-dir", mnist_dirs["data_dir"], "--manual-dir", mnist_dirs["manual_dir"]]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    plain, unrolled, dispatched = json.loads((tmp_path / "results.json").read_text())["variants"]
+    assert (plain["unroll"], unrolled["unroll"], dispatched["steps_per_call"]) == (1, 4, 1)
+    assert all(v["ms_per_step"] > 0 for v in (plain, unrolled, dispatched))
+    np.testing.assert_allclose(plain["mean_loss"], unrolled["mean_loss"], rtol=1e-4)  # same steps, same data order
+    assert 0.5 < plain["mean_loss"][0] < 2.5  # the first steps of a fresh model (chance is ln 10 = 2.3)
+    assert (tmp_path / "trace.json.gz").stat().st_size > 0
+    assert "| float32 | `matmul` | 4 | 6 |" in (tmp_path / "table.md").read_text()
+
+
 def test_augmentation_with_no_shift_rotation_or_zoom_is_the_identity():
     images = jax.random.uniform(jax.random.key(0), (4, 28, 28, 1))
     np.testing.assert_allclose(augment(jax.random.key(1), images, 0.0, 0.0, 0.0), images, atol=1e-6)

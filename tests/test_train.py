@@ -110,6 +110,28 @@ def test_fit_step_updates_the_donated_params_in_place_without_copying_them():
     assert copied == []
 
 
+def test_an_unrolled_chunk_of_steps_trains_the_same_model(mnist_small):
+    # `unroll` only changes how many steps one iteration of the scan's loop holds.
+    from mnist_jax.parallel import data_parallel
+    from mnist_jax.train import StepKeys, _zero_sums, compiled_chunk
+
+    train, _ = mnist_small
+    dp, keys = data_parallel(1), StepKeys.from_seed(0)
+    images, labels = dp.put_replicated(train["image"][:320]), dp.put_replicated(train["label"][:320])
+    results = []
+    for unroll in (1, 3):  # 3 does not divide the 10 steps: the scan's remainder runs too
+        state = dp.put_replicated(create_train_state(keys.init, Config()))
+        zero = dp.put_replicated(np.int32(0))
+        state, sums = compiled_chunk(dp, 10, 32, unroll)(state, _zero_sums(), images, labels, keys.data, zero, zero, keys.dropout)
+        results.append((state, sums))
+    (plain, plain_sums), (unrolled, unrolled_sums) = results
+    assert int(plain.step) == int(unrolled.step) == 10
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(unrolled.params), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(plain_sums["loss"], unrolled_sums["loss"], rtol=1e-5)
+    assert not _leaves_equal(plain.params, create_train_state(keys.init, Config()).params)  # it trained
+
+
 def test_reuse_freed_host_memory_stops_page_faults_on_large_blocks():
     # A 100 MB block malloc'ed, written and freed 10 times: by default glibc maps it afresh each time (~24,000 page
     # faults each); with reuse_freed_host_memory the freed block is reused. Each in its own process (it is process-wide).
