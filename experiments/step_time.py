@@ -1,8 +1,8 @@
 """step_time: milliseconds per seed-recipe training step on the device at hand, for each way the library can run it.
 
 The seed recipe's step (batch 32, dropout, Adam 1e-3), with the data on the device, timed as `fit` runs it:
-`--steps` steps per compiled call (`train.compiled_chunk`: the epoch's order drawn on the device, the steps
-under `lax.scan`, old state donated), in float32 and bfloat16, with each form of convolution
+`--steps` steps per compiled call (`train.compiled_chunk`: the steps under `lax.scan`, old state donated,
+after `train.compiled_epoch_order` drew the epoch's order on the device; both timed), in float32 and bfloat16, with each form of convolution
 (`model.Conv`), and with the scan's loop unrolled `--unrolls` steps per iteration; and one step per call
 (`train.compiled_steps`: a host dispatch per step) for comparison. Each variant is compiled first (timed
 apart), then run `--repeats` times; the median call gives ms/step. The mean training loss of each call is
@@ -26,7 +26,7 @@ from common import Run, figure, load, markdown_table, parse_args
 from mnist_jax import Config
 from mnist_jax.model import CNN, IMAGE_SHAPE
 from mnist_jax.parallel import data_parallel
-from mnist_jax.train import StepKeys, _zero_sums, compiled_chunk, compiled_steps, make_optimizer
+from mnist_jax.train import StepKeys, _zero_sums, compiled_chunk, compiled_epoch_order, compiled_steps, make_optimizer
 
 args = parse_args(__doc__, full=dict(steps=1875, repeats=3, dtypes=["float32", "bfloat16"], forms=["matmul", "xla"], unrolls=[1, 4],
                                      dispatch_steps=300, trace_steps=0),
@@ -60,9 +60,9 @@ results, rows = [], []
 for dtype, form, unroll in itertools.product(args.dtypes, args.forms, args.unrolls):
     state = fresh_state(dtype, form)
     start = time.perf_counter()
-    chunk = compiled_chunk(dp, args.steps, config.batch_size, unroll)
-    operands = lambda epoch: (images, labels, keys.data, scalar(epoch), scalar(0), keys.dropout)  # noqa: E731
-    chunk = chunk.lower(state, dp.put_replicated(_zero_sums()), *operands(0)).compile()
+    order_fn = compiled_epoch_order(dp, len(train["label"]), config.batch_size)
+    operands = lambda epoch: (images, labels, order_fn(keys.data, scalar(epoch)), scalar(0), keys.dropout)  # noqa: E731
+    chunk = compiled_chunk(dp, args.steps, unroll).lower(state, dp.put_replicated(_zero_sums()), *operands(0)).compile()
     compile_s = time.perf_counter() - start
     seconds, losses = [], []
     for epoch in range(args.repeats + 1):  # the first call warms up (allocations, autotuning), untimed
@@ -77,7 +77,7 @@ for dtype, form, unroll in itertools.product(args.dtypes, args.forms, args.unrol
                  f"{ms * 5 * (60000 // config.batch_size) / 1000:.2f}", f"{compile_s:.1f}", " / ".join(f"{x:.4f}" for x in losses)])  # fmt: skip
     print("| " + " | ".join(map(str, rows[-1])) + " |", flush=True)
     if args.trace_steps and len(results) == 1:
-        short = compiled_chunk(dp, args.trace_steps, config.batch_size, unroll)
+        short = compiled_chunk(dp, args.trace_steps, unroll)
         state = jax.block_until_ready(short(state, dp.put_replicated(_zero_sums()), *operands(0)))[0]  # compiled outside the trace
         with jax.profiler.trace(run.out / "profile", create_perfetto_trace=True):
             state = jax.block_until_ready(short(state, dp.put_replicated(_zero_sums()), *operands(1)))[0]

@@ -129,12 +129,11 @@ def _host_train_step(state: TrainState, sums: Metrics, batch: Batch, dropout_key
 
 
 def _device_train_steps(
-    state: TrainState, sums: Metrics, images: jax.Array, labels: jax.Array, data_key: jax.Array, epoch: jax.Array,
-    start: jax.Array, dropout_key: jax.Array, *, num_steps: int, batch_size: int, dp: DataParallel, unroll: int = 1,
+    state: TrainState, sums: Metrics, images: jax.Array, labels: jax.Array, order: jax.Array, start: jax.Array,
+    dropout_key: jax.Array, *, num_steps: int, dp: DataParallel, unroll: int = 1,
 ) -> tuple[TrainState, Metrics]:
-    """Steps `start .. start+num_steps` of `epoch` in one call: the epoch's order is drawn on the device
-    (the same permutation `fit` draws on the host) and the steps run under `lax.scan`."""
-    order = data.epoch_permutation(data_key, epoch, images.shape[0], batch_size)
+    """Steps `start .. start+num_steps` of an epoch in one call, under `lax.scan`: `order` is the epoch's
+    [steps, batch] indices (`compiled_epoch_order`: the permutation `fit` draws on the host otherwise)."""
     chunk = jax.lax.dynamic_slice_in_dim(order, start, num_steps)
 
     def body(carry, indices):
@@ -157,13 +156,21 @@ def donation_compiler_options(platform: str | None = None) -> dict[str, Any] | N
 
 
 @functools.lru_cache(maxsize=None)
-def compiled_chunk(dp: DataParallel, num_steps: int, batch_size: int, unroll: int = 1) -> Any:
+def compiled_chunk(dp: DataParallel, num_steps: int, unroll: int = 1) -> Any:
     """`_device_train_steps` jitted for a mesh and a chunk length; old state and sums donated.
     `unroll` steps per iteration of the scan's loop."""
     rep = dp.replicated
-    fn = functools.partial(_device_train_steps, num_steps=num_steps, batch_size=batch_size, dp=dp, unroll=unroll)
+    fn = functools.partial(_device_train_steps, num_steps=num_steps, dp=dp, unroll=unroll)
     options = donation_compiler_options(dp.platform)
-    return jax.jit(fn, in_shardings=(rep,) * 8, out_shardings=(rep, rep), donate_argnums=(0, 1), compiler_options=options)
+    return jax.jit(fn, in_shardings=(rep,) * 7, out_shardings=(rep, rep), donate_argnums=(0, 1), compiler_options=options)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled_epoch_order(dp: DataParallel, num_examples: int, batch_size: int) -> Any:
+    """`data.epoch_permutation(data_key, epoch)` jitted for a mesh, replicated: an epoch's [steps, batch] order,
+    drawn once per epoch for its chunks (drawn inside each 100-step chunk, its sorts took ~34 ms a call on CPU)."""
+    fn = functools.partial(data.epoch_permutation, num_examples=num_examples, batch_size=batch_size)
+    return jax.jit(fn, in_shardings=(dp.replicated,) * 2, out_shardings=dp.replicated)
 
 
 # Auto on CPU: chunks of 100 scanned steps (the progress bar's refresh interval). Measured on 2
@@ -413,8 +420,11 @@ def fit(
             device_step = device_step.lower(state, sums0, images, labels, indices, keys.dropout).compile()
         else:
             scalar = dp.put_replicated(np.int32(0))
+            order_fn = compiled_epoch_order(dp, num_train, config.batch_size)
+            order_fn = order_fn.lower(keys.data, scalar).compile()
+            order0 = jax.ShapeDtypeStruct((steps_per_epoch, config.batch_size), jnp.int32, sharding=dp.replicated)
             for n in {per_call, steps_per_epoch % per_call} - {0}:  # the full chunk, and the epoch's last, shorter one
-                compiled_chunk(dp, n, config.batch_size).lower(state, sums0, images, labels, keys.data, scalar, scalar, keys.dropout).compile()
+                compiled_chunk(dp, n).lower(state, sums0, images, labels, order0, scalar, keys.dropout).compile()
     # Evaluation's step too (every batch has this one shape): compiled at its first call, each process
     # would reach evaluation's first collective whenever its own compilation happened to end.
     eval_batch = next(data.padded_batches(test, eval_batch_size(config.eval_batch_size, dp)))
@@ -458,10 +468,10 @@ def fit(
             if resumed_here and position["sums"]:
                 sums = {k: jnp.asarray(v, sums[k].dtype) for k, v in position["sums"].items()}
             sums = dp.put_replicated(sums)
-            if per_call > 1:  # the order is drawn inside the compiled call
-                epoch_scalar = dp.put_replicated(np.int32(epoch))
-                advance = lambda state, sums, start, n: compiled_chunk(dp, n, config.batch_size)(  # noqa: E731
-                    state, sums, images, labels, keys.data, epoch_scalar, dp.put_replicated(np.int32(start)), keys.dropout
+            if per_call > 1:  # the epoch's order, drawn on the device once, for each chunk to slice
+                order = order_fn(keys.data, dp.put_replicated(np.int32(epoch)))
+                advance = lambda state, sums, start, n: compiled_chunk(dp, n)(  # noqa: E731
+                    state, sums, images, labels, order, dp.put_replicated(np.int32(start)), keys.dropout
                 )
             else:
                 order = np.asarray(data.epoch_permutation(keys.data, epoch, num_train, config.batch_size))

@@ -113,7 +113,7 @@ def test_fit_step_updates_the_donated_params_in_place_without_copying_them():
 def test_an_unrolled_chunk_of_steps_trains_the_same_model(mnist_small):
     # `unroll` only changes how many steps one iteration of the scan's loop holds.
     from mnist_jax.parallel import data_parallel
-    from mnist_jax.train import StepKeys, _zero_sums, compiled_chunk
+    from mnist_jax.train import StepKeys, _zero_sums, compiled_chunk, compiled_epoch_order
 
     train, _ = mnist_small
     dp, keys = data_parallel(1), StepKeys.from_seed(0)
@@ -122,7 +122,8 @@ def test_an_unrolled_chunk_of_steps_trains_the_same_model(mnist_small):
     for unroll in (1, 3):  # 3 does not divide the 10 steps: the scan's remainder runs too
         state = dp.put_replicated(create_train_state(keys.init, Config()))
         zero = dp.put_replicated(np.int32(0))
-        state, sums = compiled_chunk(dp, 10, 32, unroll)(state, _zero_sums(), images, labels, keys.data, zero, zero, keys.dropout)
+        order = compiled_epoch_order(dp, 320, 32)(keys.data, zero)
+        state, sums = compiled_chunk(dp, 10, unroll)(state, _zero_sums(), images, labels, order, zero, keys.dropout)
         results.append((state, sums))
     (plain, plain_sums), (unrolled, unrolled_sums) = results
     assert int(plain.step) == int(unrolled.step) == 10
