@@ -87,8 +87,8 @@ for dtype, form, unroll in itertools.product(args.dtypes, args.forms, args.unrol
 for dtype, form in itertools.product(args.dtypes, args.forms) if args.dispatch_steps else ():  # one step per call: a host dispatch each
     state = fresh_state(dtype, form)
     device_step = compiled_steps(dp)[0]
-    order = np.asarray(jax.random.permutation(keys.data, len(train["label"])))[: (args.dispatch_steps + 20) * config.batch_size]
-    batches = [dp.put_batch(b.astype(np.int32)) for b in order.reshape(-1, config.batch_size)]
+    order = np.asarray(compiled_epoch_order(dp, len(train["label"]), config.batch_size)(keys.data, scalar(0)))
+    batches = [dp.put_batch(b) for b in order[: args.dispatch_steps + 20]]
     sums = dp.put_replicated(_zero_sums())
     for indices in batches[:20]:  # warm-up, compilation included
         state, sums = device_step(state, sums, images, labels, indices, keys.dropout)

@@ -412,6 +412,9 @@ def fit(
     per_call = resolve_steps_per_call(config, steps_per_epoch)
     # Compile before the clock starts, so epochs time training alone (a warm compilation cache makes this quick).
     compile_start = time.perf_counter()
+    # The epoch's order, one compiled draw per epoch whatever the pipeline: chunks slice it on the device,
+    # one-step calls and tf.data index it on the host (drawn eagerly, its ops compiled inside the first epoch).
+    order_fn = compiled_epoch_order(dp, num_train, config.batch_size).lower(keys.data, dp.put_replicated(np.int32(0))).compile()
     if config.pipeline == "device":
         images, labels = dp.put_replicated(train["image"]), dp.put_replicated(train["label"])
         sums0 = dp.put_replicated(_zero_sums())
@@ -420,8 +423,6 @@ def fit(
             device_step = device_step.lower(state, sums0, images, labels, indices, keys.dropout).compile()
         else:
             scalar = dp.put_replicated(np.int32(0))
-            order_fn = compiled_epoch_order(dp, num_train, config.batch_size)
-            order_fn = order_fn.lower(keys.data, scalar).compile()
             order0 = jax.ShapeDtypeStruct((steps_per_epoch, config.batch_size), jnp.int32, sharding=dp.replicated)
             for n in {per_call, steps_per_epoch % per_call} - {0}:  # the full chunk, and the epoch's last, shorter one
                 compiled_chunk(dp, n).lower(state, sums0, images, labels, order0, scalar, keys.dropout).compile()
@@ -468,13 +469,13 @@ def fit(
             if resumed_here and position["sums"]:
                 sums = {k: jnp.asarray(v, sums[k].dtype) for k, v in position["sums"].items()}
             sums = dp.put_replicated(sums)
-            if per_call > 1:  # the epoch's order, drawn on the device once, for each chunk to slice
-                order = order_fn(keys.data, dp.put_replicated(np.int32(epoch)))
+            order = order_fn(keys.data, dp.put_replicated(np.int32(epoch)))
+            if per_call > 1:  # each chunk slices the epoch's order on the device
                 advance = lambda state, sums, start, n: compiled_chunk(dp, n)(  # noqa: E731
                     state, sums, images, labels, order, dp.put_replicated(np.int32(start)), keys.dropout
                 )
             else:
-                order = np.asarray(data.epoch_permutation(keys.data, epoch, num_train, config.batch_size))
+                order = np.asarray(order)
                 if config.pipeline == "tfdata":
                     feed = data.tf_batches(train, order[first_step:])
                     advance = lambda state, sums, start, n: host_step(state, sums, dp.put_batch(next(feed)), keys.dropout)  # noqa: E731
