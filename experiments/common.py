@@ -222,7 +222,7 @@ class DeepCNN(nn.Module):
             for i in range(2):  # model.Conv (a matmul): vmapped over models it stays a batched matmul, where
                 # nn.Conv would become a grouped convolution, several times slower on XLA:CPU
                 x = nn.relu(Conv(features, 3, kernel_init=init, name=f"conv{block + 1}_{i + 1}")(x))
-            x = Pool2x2("max", name=f"pool{block + 1}")(x)
+            x = Pool2x2("max", name=f"pool{block + 1}")(x, train)
         x = nn.Dropout(self.dropout_rate / 2, deterministic=not train)(x)
         x = nn.relu(nn.Dense(self.dense_features, kernel_init=init)(Flatten()(x)))
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)

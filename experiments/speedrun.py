@@ -37,7 +37,7 @@ class SpeedrunCNN(nn.Module):
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         x = images.astype(self.dtype)
         for i, features in enumerate((self.width, 2 * self.width)):
-            x = Pool2x2("max")(nn.relu(Conv(features, 3, dtype=self.dtype, form=self.conv_form, name=f"conv{i + 1}")(x, train)))
+            x = Pool2x2("max")(nn.relu(Conv(features, 3, dtype=self.dtype, form=self.conv_form, name=f"conv{i + 1}")(x, train)), train)
         x = Flatten()(x)
         if self.hidden:
             x = nn.relu(nn.Dense(self.hidden, dtype=self.dtype)(x))

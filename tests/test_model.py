@@ -47,6 +47,24 @@ def test_pool_matches_lax_reduce_window_and_floors_odd_sizes():
     assert jnp.allclose(Pool2x2("avg").apply({}, x), nn.avg_pool(x, (2, 2), strides=(2, 2), padding="VALID"))
 
 
+def test_training_max_pool_sends_the_gradient_to_each_windows_first_maximum():
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(0), (2, 6, 8, 3))  # no ties: JAX's own gradient
+    loss = lambda pool: lambda x: (pool(x) * jnp.arange(1.0, 37.0).reshape(1, 3, 4, 3)).sum()  # noqa: E731
+    reference = jax.grad(loss(lambda x: nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")))(x)
+    assert jnp.array_equal(jax.grad(loss(lambda x: Pool2x2("max").apply({}, x)))(x), reference)
+    # Ties, as a constant background makes: TensorFlow's rule, all of it to the first in row-major order.
+    window = jnp.array([[1.0, 3.0], [3.0, 3.0]]).reshape(1, 2, 2, 1)
+    grad = jax.grad(lambda x: Pool2x2("max").apply({}, x).sum())(window)
+    assert grad.reshape(2, 2).tolist() == [[0.0, 1.0], [0.0, 0.0]]
+    flat = jnp.zeros((1, 2, 2, 1))
+    assert jax.grad(lambda x: Pool2x2("max").apply({}, x).sum())(flat).reshape(-1).tolist() == [1.0, 0.0, 0.0, 0.0]
+    # Outside training it is the plain reduction, differentiable in forward mode too.
+    _, tangent = jax.jvp(lambda x: Pool2x2("max").apply({}, x, train=False), (window,), (jnp.ones_like(window),))
+    assert tangent.reshape(-1).tolist() == [1.0]
+
+
 def test_summary_lists_layers_in_order_with_keras_shapes():
     text = summary(CNN())
     lines = text.splitlines()
