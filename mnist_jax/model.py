@@ -25,7 +25,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
 
     Its gradient goes whole to each window's first maximum in row-major order, as TensorFlow's
     MaxPoolGrad (the seed's) does. JAX's rule for a reduction's max splits it evenly among tied
-    maxima, computing each window's count of them: that cost ~4-7 % of a seed-recipe step on
+    maxima, computing each window's count of them: that cost 2-8 % of a seed-recipe step on
     XLA:CPU. Ties here come from ReLU zeros (no gradient either way) and from a constant
     background, where the parameters' gradients come out the same under both rules.
     Reverse mode only (a `custom_vjp`); `Pool2x2(train=False)` is a plain max.
