@@ -19,6 +19,10 @@ def _windows(x: jax.Array) -> jax.Array:
     return x.reshape(batch, height // 2, 2, width // 2, 2, channels)
 
 
+def _max_of_windows(x: jax.Array) -> jax.Array:
+    return _windows(x).max(axis=(2, 4))
+
+
 @jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max pooling, stride 2, of [N, H, W, C] with H and W even.
@@ -30,7 +34,7 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     background, where the parameters' gradients come out the same under both rules.
     Reverse mode only (a `custom_vjp`); `Pool2x2(train=False)` is a plain max.
     """
-    return _windows(x).max(axis=(2, 4))
+    return _max_of_windows(x)
 
 
 def _max_pool_forward(x: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
@@ -46,9 +50,8 @@ def _max_pool_backward(residuals: tuple[jax.Array, jax.Array], g: jax.Array) -> 
     for i, j in ((0, 1), (1, 0), (1, 1)):
         first.append(is_max[:, :, i, :, j] & ~taken)
         taken = taken | first[-1]
-    zero = jnp.zeros_like(g)
-    top, bottom = ([jnp.where(m, g, zero) for m in first[k : k + 2]] for k in (0, 2))
-    dx = jnp.stack([jnp.stack(top, axis=3), jnp.stack(bottom, axis=3)], axis=2)
+    d = [jnp.where(m, g, 0) for m in first]  # window order (0,0), (0,1), (1,0), (1,1)
+    dx = jnp.stack([jnp.stack(d[:2], axis=3), jnp.stack(d[2:], axis=3)], axis=2)
     return (dx.reshape(x.shape),)
 
 
@@ -69,10 +72,10 @@ class Pool2x2(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array, train: bool = True) -> jax.Array:
-        batch, height, width, channels = x.shape
+        height, width = x.shape[1], x.shape[2]
         x = x[:, : height // 2 * 2, : width // 2 * 2, :]
         if self.kind == "max":
-            return max_pool_2x2(x) if train else _windows(x).max(axis=(2, 4))
+            return max_pool_2x2(x) if train else _max_of_windows(x)
         return _windows(x).mean(axis=(2, 4))
 
 

@@ -133,7 +133,7 @@ def _device_train_steps(
     dropout_key: jax.Array, *, num_steps: int, dp: DataParallel, unroll: int = 1,
 ) -> tuple[TrainState, Metrics]:
     """Steps `start .. start+num_steps` of an epoch in one call, under `lax.scan`: `order` is the epoch's
-    [steps, batch] indices (`compiled_epoch_order`: the permutation `fit` draws on the host otherwise)."""
+    [steps, batch] indices (`compiled_epoch_order`, the order every pipeline of `fit` follows)."""
     chunk = jax.lax.dynamic_slice_in_dim(order, start, num_steps)
 
     def body(carry, indices):
