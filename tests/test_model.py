@@ -74,24 +74,44 @@ def test_summary_lists_layers_in_order_with_keras_shapes():
     assert "Total params: 3,156,098" in text
 
 
+@pytest.mark.parametrize("channels", [4, 1])  # one channel: XLA's convolution forward, the kernel gradient a matmul
 @pytest.mark.parametrize(("kernel", "padding"), [(5, "SAME"), (2, "SAME"), (3, "VALID"), (2, "VALID")])
-def test_matmul_conv_equals_flax_conv(kernel, padding):
+def test_matmul_conv_equals_flax_conv(kernel, padding, channels):
     import flax.linen as nn
 
     from mnist_jax.model import Conv
 
-    x = jax.random.normal(jax.random.key(0), (3, 14, 13, 4))
+    x = jax.random.normal(jax.random.key(0), (3, 14, 13, channels))
     ours = Conv(6, kernel, padding=padding)
     params = ours.init(jax.random.key(1), x)
-    reference = nn.Conv(6, (kernel, kernel), padding=padding).apply(params, x)  # same parameter tree
+    flax_conv = nn.Conv(6, (kernel, kernel), padding=padding)  # same parameter tree
+    reference = flax_conv.apply(params, x)
     assert jnp.allclose(ours.apply(params, x), reference, atol=1e-5)  # the matmul form, for training
     assert jnp.allclose(ours.apply(params, x, train=False), reference, atol=1e-5)  # XLA's convolution, for inference
-    grads = jax.grad(lambda p: (ours.apply(p, x) ** 2).sum())(params)
-    ref_grads = jax.grad(lambda p: (nn.Conv(6, (kernel, kernel), padding=padding).apply(p, x) ** 2).sum())(params)
-    assert all(jnp.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)))
+
+    def gradients(conv):  # of the parameters and of the input
+        return jax.grad(lambda p, x: (conv.apply(p, x) ** 2).sum(), argnums=(0, 1))(params, x)
+
+    def assert_close(grads, ref):
+        assert all(jnp.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(ref)))
+
+    ref_grads = gradients(flax_conv)
+    assert_close(gradients(ours), ref_grads)
     xla = Conv(6, kernel, padding=padding, form="xla")  # trains with XLA's convolution: same result and gradients
     assert jnp.allclose(xla.apply(params, x), reference, atol=1e-5)
-    xla_grads = jax.grad(lambda p: (xla.apply(p, x) ** 2).sum())(params)
-    assert all(jnp.allclose(a, b, rtol=1e-4, atol=1e-4) for a, b in zip(jax.tree.leaves(xla_grads), jax.tree.leaves(ref_grads)))
+    assert_close(gradients(xla), ref_grads)
     with pytest.raises(ValueError, match="Conv form must be one of matmul, xla"):
         Conv(6, kernel, form="fft").init(jax.random.key(1), x)
+
+
+def test_training_step_convolves_once_and_skips_the_images_gradient():
+    # conv1 (one-channel images) trains with XLA's convolution forward and a matmul kernel gradient; the
+    # gradient of its input, which training never asks for, must not be computed (no second convolution).
+    import re
+
+    from mnist_jax import Config, create_train_state, train_step
+
+    state = create_train_state(jax.random.key(0), Config())
+    batch = {"image": jnp.zeros((32, 28, 28, 1)), "label": jnp.zeros(32, jnp.int32)}
+    hlo = train_step.lower(state, batch, jax.random.key(1)).compile().as_text()
+    assert len(re.findall(r"= f32\[[\d,]+\]\{[\d,]*\} convolution\(", hlo)) == 1
