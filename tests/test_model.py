@@ -115,3 +115,18 @@ def test_training_step_convolves_once_and_skips_the_images_gradient():
     batch = {"image": jnp.zeros((32, 28, 28, 1)), "label": jnp.zeros(32, jnp.int32)}
     hlo = train_step.lower(state, batch, jax.random.key(1)).compile().as_text()
     assert len(re.findall(r"= f32\[[\d,]+\]\{[\d,]*\} convolution\(", hlo)) == 1
+
+
+@pytest.mark.parametrize("models", [1, 2])
+def test_one_channel_conv_vmapped_over_models_has_each_models_gradients(models):
+    # Under jax.vmap (mnist_jax.multi) several models' first layer is the patch matmul, not a grouped convolution.
+    from mnist_jax.model import Conv
+
+    x = jax.random.normal(jax.random.key(0), (models, 3, 14, 13, 1))
+    conv = Conv(6, 5)
+    params = jax.vmap(lambda key: conv.init(key, x[0]))(jax.random.split(jax.random.key(1), models))
+    loss = lambda p, x: (conv.apply(p, x) ** 2).sum()  # noqa: E731
+    vmapped = jax.vmap(jax.grad(loss, argnums=(0, 1)))(params, x)
+    for k in range(models):
+        alone = jax.grad(loss, argnums=(0, 1))(jax.tree.map(lambda a: a[k], params), x[k])
+        assert all(jnp.allclose(a[k], b, rtol=1e-4, atol=1e-4) for a, b in zip(jax.tree.leaves(vmapped), jax.tree.leaves(alone)))
