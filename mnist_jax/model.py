@@ -136,7 +136,8 @@ def single_channel_conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Ar
     For the first layer of a CNN (images in, no input gradient needed) this trained the seed recipe 4-7 %
     faster per step on XLA:CPU than the patch matmul both ways (five interleaved A/Bs of 100-step chunks,
     faster in 67-100 % of their 8-30 rounds): with one channel, concatenating the 25 views on the minor
-    axis is slow, and XLA's convolution forward is quick. The input gradient, XLA's, is dead code unless something asks for it.
+    axis is slow, and XLA's convolution forward is quick. The input gradient, XLA's, is dead code unless
+    something asks for it.
     """
     return _unbatched_xla_conv(padding)(x, kernel)
 

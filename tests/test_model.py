@@ -130,3 +130,8 @@ def test_one_channel_conv_vmapped_over_models_has_each_models_gradients(models):
     for k in range(models):
         alone = jax.grad(loss, argnums=(0, 1))(jax.tree.map(lambda a: a[k], params), x[k])
         assert all(jnp.allclose(a[k], b, rtol=1e-4, atol=1e-4) for a, b in zip(jax.tree.leaves(vmapped), jax.tree.leaves(alone)))
+    if models > 1:  # the parameters' gradient, as training asks for it, holds no (grouped) convolution
+        import re
+
+        hlo = jax.jit(jax.vmap(jax.grad(loss))).lower(params, x).compile().as_text()
+        assert re.findall(r"convolution\(", hlo) == []
