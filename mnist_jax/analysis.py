@@ -28,6 +28,7 @@ from matplotlib.colors import SymLogNorm
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from mnist_jax import checkpoint, loop, steps
 from mnist_jax.config import EVAL_BATCH_SIZE, UserError
 
 # Layers whose outputs `feature_maps` returns, in call order.
@@ -55,8 +56,6 @@ def predict_probabilities(state: Any, images: np.ndarray, batch_size: int = EVAL
     The last batch is padded to the batch size so the jitted `predict` compiles
     one shape only.
     """
-    from mnist_jax.train import predict  # train pulls in optax/orbax; keep plotting imports light
-
     images = np.asarray(images, np.float32)
     n = len(images)
     if n == 0:
@@ -68,7 +67,7 @@ def predict_probabilities(state: Any, images: np.ndarray, batch_size: int = EVAL
         short = size - len(batch)
         if short:
             batch = np.concatenate([batch, np.zeros((short, *batch.shape[1:]), batch.dtype)])
-        out.append(np.asarray(predict(state, batch))[: size - short])
+        out.append(np.asarray(steps.predict(state, batch))[: size - short])
     return np.concatenate(out)
 
 
@@ -372,14 +371,9 @@ def load_history(workdir: str | Path) -> dict[str, Any]:
             return json.loads(path.read_text())
         except json.JSONDecodeError as err:
             raise UserError(f"cannot read {path}: {err}") from None
-    from mnist_jax import checkpoint
-    import orbax.checkpoint as ocp
-
     if not checkpoint.has_checkpoint(workdir):
         raise UserError(f"{workdir} has neither history.json nor a checkpoint")
-    with checkpoint.make_manager(workdir / "checkpoints") as manager:
-        step = manager.latest_step()
-        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]["history"]
+    return checkpoint.latest_meta(workdir)["history"]
 
 
 def report_markdown(summary: Mapping[str, Any], class_names: Sequence[str] | None = None) -> str:
@@ -453,8 +447,6 @@ def write_analysis(
     """Write curves.png, predictions.npz, wrong.json, wrong_grid.png, confusion.png, filters.png,
     feature_maps.png and report.md into `outdir`; return the summary the report is made from.
     """
-    from mnist_jax.train import evaluate
-
     images, labels = np.asarray(test["image"]), np.asarray(test["label"])
     if not 0 <= feature_index < len(labels):
         raise UserError(f"--index must be in [0, {len(labels)}), got {feature_index}")
@@ -494,7 +486,7 @@ def write_analysis(
         "wrong": len(wrong),
         # fit's own definition (cross-entropy of the logits): the log of a float32 probability loses
         # confident examples to rounding and underflow, and moved the 4th decimal.
-        "test_loss": evaluate(state, test, batch_size)["loss"],
+        "test_loss": loop.evaluate(state, test, batch_size)["loss"],
         "test_accuracy": float((predicted == labels).mean()),
         "first_predictions": predicted[:10].tolist(),
         "per_class_accuracy": [None if np.isnan(a) else float(a) for a in accuracy],

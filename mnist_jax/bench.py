@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import resource
 import statistics
 import subprocess
@@ -32,6 +33,11 @@ import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from mnist_jax.cli import add_config_flags
+from mnist_jax.runtime import cpu_model
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def _peak_rss_mib() -> float:
@@ -98,7 +104,7 @@ def _jax_worker(args: argparse.Namespace, turns: _Turns) -> dict[str, Any]:
     import jax
 
     from mnist_jax import Config, fit
-    from mnist_jax.train import enable_compilation_cache
+    from mnist_jax.runtime import enable_compilation_cache
 
     enable_compilation_cache()  # as `python -m mnist_jax train` does; compilation is timed apart anyway
     with tempfile.TemporaryDirectory() as workdir:
@@ -215,17 +221,6 @@ def _run_pair(kinds: tuple[str, ...], args: argparse.Namespace) -> dict[str, dic
             worker.stop()
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def _machine() -> str:
     return f"{cpu_model()}, {os.cpu_count()} cores, {platform.system()} {platform.release()}"
 
@@ -256,15 +251,26 @@ def _print_summary(kind: str, s: dict[str, Any]) -> None:
     )
 
 
+def default_out(args: argparse.Namespace) -> str:
+    """docs/bench/<date>_<commit>_<cpu>/bench-<mode>[-<dtype>].json: each run's figures, named by when, what and where."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=REPO, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "nogit"
+    cpu = re.sub(r"[^a-z0-9]+", "-", cpu_model().lower()).strip("-")[:40]
+    mode = ("quick" if args.quick else "full") + ("-jax-only" if args.jax_only else "") + ("" if args.dtype == "float32" else f"-{args.dtype}")
+    name = f"bench-{mode}-{time.strftime('%H%M%S')}.json"
+    folder = REPO / "docs" / "bench" if (REPO / ".git").exists() else Path("results") / "bench"  # outside a checkout: here
+    return str(folder / f"{time.strftime('%Y-%m-%d')}_{commit}_{cpu}" / name)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m mnist_jax.bench", description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="300 steps per epoch, 4 epochs (3 compared), one run each")
     parser.add_argument("--jax-only", action="store_true", help="mnist_jax alone (no Keras, no TensorFlow needed with --arrays)")
     parser.add_argument("--repeats", type=int, default=None, help="runs of each side (default: 2, quick: 1)")
-    parser.add_argument("--out", default="results/bench.json", help="JSON results (default: %(default)s)")
-    parser.add_argument("--data-dir")
-    parser.add_argument("--manual-dir")
-    parser.add_argument("--arrays", metavar="NPZ", help="read MNIST from this .npz (`python -m mnist_jax export`) instead of tfds")
+    parser.add_argument("--out", help="JSON results (default: docs/bench/<date>_<commit>_<cpu>/bench-<mode>.json, committed with the code)")
+    add_config_flags(parser, ("data_dir", "manual_dir", "arrays"), defaults=True)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"), help="mnist_jax's compute dtype (bfloat16: --jax-only)")
     parser.add_argument("--worker", choices=["keras", "jax"], help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=5, help=argparse.SUPPRESS)
@@ -279,6 +285,7 @@ def main(argv: list[str] | None = None) -> int:
         result["peak_rss_mib"] = _peak_rss_mib()
         print(json.dumps(result), file=turns.channel, flush=True)
         return 0
+    args.out = args.out or default_out(args)
     if args.dtype != "float32" and not args.jax_only:
         parser.error("--dtype bfloat16 needs --jax-only: the Keras reference computes in float32")
 

@@ -18,6 +18,7 @@ from flax.training.train_state import TrainState
 
 from mnist_jax.config import Config, UserError
 from mnist_jax.parallel import wait_for_all_processes
+from mnist_jax.steps import create_train_state
 
 
 def make_manager(directory: str | Path, keep: int = 3) -> ocp.CheckpointManager:
@@ -61,6 +62,13 @@ def save(manager: ocp.CheckpointManager, state: TrainState, meta: dict[str, Any]
         args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
         metrics=metrics,
     )
+
+
+def latest_meta(workdir: str | Path) -> dict[str, Any]:
+    """The run metadata (position, history) saved with a workdir's latest checkpoint."""
+    with make_manager(Path(workdir) / "checkpoints") as manager:
+        step = manager.latest_step()
+        return manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
 
 
 def _check_shapes(manager: ocp.CheckpointManager, step: int, abstract: TrainState) -> None:
@@ -130,7 +138,7 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[Path]:
     ones, and those would stay the "latest". Moved, not deleted: whatever made them
     unreadable may have been passing, and they stay there for a person to look at.
     """
-    wait_for_all_processes("mnist_jax:set_aside_newer:before")  # every process has listed the steps (and restored)
+    wait_for_all_processes(f"mnist_jax:set_aside_newer:before:{manager.directory}:{step}")  # every process has listed the steps (and restored)
     newer = sorted(s for s in manager.all_steps() if s > step)
     directory = Path(str(manager.directory))
     aside = directory.parent / "unreadable-checkpoints"
@@ -143,7 +151,7 @@ def set_aside_newer(manager: ocp.CheckpointManager, step: int) -> list[Path]:
                 target, n = aside / f"{s}-{n}", n + 1
             (directory / str(s)).rename(target)
             moved.append(target)
-    wait_for_all_processes("mnist_jax:set_aside_newer:after")
+    wait_for_all_processes(f"mnist_jax:set_aside_newer:after:{manager.directory}:{step}")
     manager.reload()
     return moved
 
@@ -171,8 +179,6 @@ def restore_checkpoint(workdir_or_path: str | Path, sharding: jax.sharding.Shard
 
 def restore_run(workdir_or_path: str | Path, sharding: jax.sharding.Sharding | None = None) -> tuple[Path, Config, TrainState]:
     """`restore_checkpoint`, with the run's workdir and config it found on the way."""
-    from mnist_jax.train import create_train_state  # train imports this module
-
     workdir, step = find_workdir(workdir_or_path)
     config = Config.load(workdir / "config.json")
     if not has_checkpoint(workdir):

@@ -1,4 +1,4 @@
-"""`python -m mnist_jax {train,evaluate,summary}`: flags override the Config defaults."""
+"""`python -m mnist_jax {train,evaluate,export,summary,analyze,predict}`: the train flags are `Config`'s fields."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mnist_jax.config import DATASETS, Config, ModelConfig, UserError
+from mnist_jax.config import Config, ModelConfig, UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -18,54 +18,53 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def _add_data_flags(parser: argparse.ArgumentParser, arrays: bool = True) -> None:
-    parser.add_argument("--data-dir", help="tfds data_dir (default: tfds's, or $TFDS_DATA_DIR)")
-    parser.add_argument(
-        "--manual-dir", help="folder holding the four MNIST .gz files, for offline preparation (or $MNIST_JAX_MANUAL_DIR)"
-    )
-    if arrays:
-        parser.add_argument("--arrays", metavar="NPZ", help="read the data from this file (made by `export`) instead of tfds: no TensorFlow")
+def config_fields() -> list[dataclasses.Field]:
+    """The fields of `Config` and its `ModelConfig` that are command-line flags, in declaration order."""
+    fields = [*dataclasses.fields(Config), *dataclasses.fields(ModelConfig)]
+    return [f for f in fields if "help" in f.metadata]
 
 
-# Train flags default to "absent" so a resumed run can tell which ones the user actually passed.
-_ABSENT = argparse.SUPPRESS
+def flag_name(field: str) -> str:
+    """The flag that sets a Config (or ModelConfig) field."""
+    meta = {f.name: f.metadata for f in config_fields()}.get(field, {})
+    return meta.get("flag") or "--" + field.replace("_", "-")
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] | None = None, *, defaults: bool = False) -> None:
+    """Add a flag per Config/ModelConfig field (those in `names`, or all), typed and documented from the field.
+
+    Without `defaults`, an absent flag sets nothing (argparse.SUPPRESS), so a caller can tell what was given;
+    with `defaults`, it sets the field's default."""
+    for field in config_fields():
+        if names is not None and field.name not in names:
+            continue
+        default = field.default
+        kind = field.metadata.get("type") or type(default)
+        choices = field.metadata.get("choices")
+        shown = f"one of {', '.join(choices)}; " if choices else ""
+        parser.add_argument(
+            flag_name(field.name), dest=field.name, type=kind, metavar={int: "N", float: "X"}.get(kind),
+            default=default if defaults else argparse.SUPPRESS, help=f"{field.metadata['help']}" + (f" ({shown}default: {default})" if default is not None else f" ({shown[:-2]})" if shown else ""),
+        )  # fmt: skip
+
+
+DATA_FLAGS = ("data_dir", "manual_dir", "arrays")
 
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (defaults: the tutorial's recipe)")
-    d = Config()
-    p.add_argument("--dataset", default=_ABSENT, help=f"one of {', '.join(DATASETS)} (default: {d.dataset})")
-    p.add_argument("--epochs", type=int, default=_ABSENT, help=f"(default: {d.epochs})")
-    p.add_argument("--batch-size", type=int, default=_ABSENT, help=f"(default: {d.batch_size})")
-    p.add_argument("--learning-rate", type=float, default=_ABSENT, help=f"Adam's (default: {d.learning_rate})")
-    p.add_argument("--seed", type=int, default=_ABSENT, help=f"(default: {d.seed})")
-    p.add_argument("--train-examples", type=int, default=_ABSENT, metavar="N", help="use only the first N training images")
-    p.add_argument("--workdir", help="run folder (default: runs/<dataset>-<timestamp>, linked as runs/latest)")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint, with its saved config")
-    p.add_argument("--pipeline", default=_ABSENT, help=f"device (arrays on the device) or tfdata (default: {d.pipeline})")
-    p.add_argument("--dtype", dest="compute_dtype", default=_ABSENT, help=f"float32 or bfloat16 compute (default: {d.compute_dtype})")
-    p.add_argument("--dropout", dest="dropout_rate", type=float, default=_ABSENT, help=f"dropout rate (default: {d.model.dropout_rate})")
-    p.add_argument("--keep-checkpoints", type=int, default=_ABSENT, help=f"(default: {d.keep_checkpoints})")
-    p.add_argument(
-        "--checkpoint-every-steps", type=int, default=_ABSENT, metavar="N",
-        help="also checkpoint every N steps inside an epoch (default: only at epoch ends)",
-    )  # fmt: skip
-    p.add_argument(
-        "--steps-per-call", type=int, default=_ABSENT, metavar="N",
-        help="training steps per compiled call, under lax.scan (default: 0 = auto: 100 on CPU, the whole epoch on GPU/TPU; 1 with --checkpoint-every-steps)",
-    )  # fmt: skip
-    p.add_argument("--devices", default=_ABSENT, help="data parallel over 'all' local devices (default) or the first N")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: address of process 0's coordinator, or 'auto' to detect the cluster (SLURM, TPU pod, ...)")
     p.add_argument("--num-processes", type=int, metavar="N", help="multi-process: how many processes in all")
     p.add_argument("--process-id", type=int, metavar="I", help="multi-process: this process's index, 0..N-1")
-    _add_data_flags(p)
+    add_config_flags(p)
     p.set_defaults(run=_train)
 
 
 def _given_flags(args: argparse.Namespace) -> dict[str, object]:
     """The Config fields the user set on the command line (model fields included)."""
-    names = {f.name for f in dataclasses.fields(Config)} | {f.name for f in dataclasses.fields(ModelConfig)}
-    return {k: v for k, v in vars(args).items() if k in names and v is not None}
+    names = {f.name for f in config_fields()}
+    return {k: v for k, v in vars(args).items() if k in names}
 
 
 def _apply(config: Config, flags: dict[str, object]) -> Config:
@@ -74,29 +73,26 @@ def _apply(config: Config, flags: dict[str, object]) -> Config:
     return dataclasses.replace(config, model=model, **{k: v for k, v in flags.items() if k not in model_fields})
 
 
-def _flag(field: str) -> str:
-    """The train flag that sets a Config field."""
-    return {"compute_dtype": "--dtype", "dropout_rate": "--dropout"}.get(field, "--" + field.replace("_", "-"))
-
-
 def _train(args: argparse.Namespace) -> int:
     from mnist_jax.parallel import initialize_distributed
+    from mnist_jax.runtime import stop_on_signals
     from mnist_jax.train import fit
 
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     flags = _given_flags(args)
-    if not args.resume:
-        fit(_apply(Config(), flags).validate())
-        return 0
-    if not args.workdir:
-        raise UserError("--resume needs --workdir")
-    saved = Config.load(Path(args.workdir) / "config.json")
-    config = _apply(saved, flags).validate()
-    conflicts = config.resume_conflicts(saved)
-    if conflicts:
-        dropped = ", ".join(f"{_flag(k)} {new} (the run has {old})" for k, (new, old) in conflicts.items())
-        raise UserError(f"--resume continues the run as configured in its config.json; drop {dropped}")
-    fit(config, resume=True)
+    if args.resume:
+        if not flags.get("workdir"):
+            raise UserError("--resume needs --workdir")
+        saved = Config.load(Path(flags["workdir"]) / "config.json")
+        config = _apply(saved, flags).validate()
+        conflicts = config.resume_conflicts(saved)
+        if conflicts:
+            dropped = ", ".join(f"{flag_name(k)} {new} (the run has {old})" for k, (new, old) in conflicts.items())
+            raise UserError(f"--resume continues the run as configured in its config.json; drop {dropped}")
+    else:
+        config = _apply(Config(), flags).validate()
+    with stop_on_signals() as stop:  # the first SIGTERM/SIGINT: checkpoint and exit 75; a second: at once
+        fit(config, resume=args.resume, stop=stop)
     return 0
 
 
@@ -110,7 +106,7 @@ def _test_split(args: argparse.Namespace, config: Config) -> dict:
 
 def _evaluate(args: argparse.Namespace) -> int:
     from mnist_jax import checkpoint
-    from mnist_jax.train import evaluate
+    from mnist_jax.loop import evaluate
 
     _, config, state = checkpoint.restore_run(args.workdir)
     test = _test_split(args, config)
@@ -196,12 +192,11 @@ def build_parser() -> argparse.ArgumentParser:
     _train_parser(sub)
     p = sub.add_parser("evaluate", help="restore a run's checkpoint and evaluate on the test split")
     p.add_argument("--workdir", default="runs/latest", help="run folder or checkpoint step folder (default: %(default)s)")
-    _add_data_flags(p)
+    add_config_flags(p, DATA_FLAGS, defaults=True)
     p.set_defaults(run=_evaluate)
     p = sub.add_parser("export", help="write a data set's train and test splits to one .npz that `--arrays` reads without TensorFlow")
-    p.add_argument("--dataset", default="mnist", help=f"one of {', '.join(DATASETS)} (default: %(default)s)")
     p.add_argument("--out", required=True, metavar="NPZ", help="the file to write")
-    _add_data_flags(p, arrays=False)
+    add_config_flags(p, ("dataset", "data_dir", "manual_dir"), defaults=True)
     p.set_defaults(run=_export)
     p = sub.add_parser("summary", help="print the model's layer table and parameter count")
     p.set_defaults(run=_summary)
@@ -211,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/latest", help="run folder or checkpoint step folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling the 16 wrong predictions (default: %(default)s)")
     p.add_argument("--index", type=int, default=0, help="test image whose feature maps are drawn (default: %(default)s)")
-    _add_data_flags(p)
+    add_config_flags(p, DATA_FLAGS, defaults=True)
     p.set_defaults(run=_analyze)
     p = sub.add_parser("predict", help="predict the digit in image files (PNG, JPEG, any size or colour)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
@@ -236,7 +231,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         absl_logging.set_verbosity(absl_logging.ERROR)  # tfds' info/warning chatter
     run: Callable[[argparse.Namespace], int] = args.run
     if args.command == "train":
-        from mnist_jax.train import enable_compilation_cache
+        from mnist_jax.runtime import enable_compilation_cache
 
         enable_compilation_cache()  # $MNIST_JAX_COMPILATION_CACHE (empty: off), default ~/.cache/mnist_jax/xla
     try:

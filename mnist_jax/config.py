@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +24,7 @@ class UserError(Exception):
     """Bad input from the user: reported as one line and a non-zero exit, no traceback."""
 
 
-# Evaluation batch: on XLA:CPU 10,000 test images took 1.4 s in batches of 200 and 1.9 s in
-# batches of 1,000 (activations of a smaller batch stay in cache); accelerators hardly care.
+# Evaluation batch: the fastest of those measured on XLA:CPU (docs/performance.md); accelerators hardly care.
 EVAL_BATCH_SIZE = 200
 
 
@@ -37,47 +37,59 @@ RESUMABLE_CHANGES = frozenset(
 )
 
 
+def option(default: Any, help: str, *, flag: str | None = None, type: Callable[[str], Any] | None = None,
+           choices: Sequence[str] | None = None, default_factory: Callable[[], Any] | None = None) -> Any:
+    """A config field that is also a command-line flag (`mnist_jax.cli.add_config_flags`): its help, its
+    flag when not `--field-name`, its parser when the default is None, and the values it takes (listed in
+    the help; `Config.validate` checks them, so a bad value gets the same message from a flag or a file)."""
+    metadata = {"help": help, "flag": flag, "type": type, "choices": choices}
+    if default_factory is not None:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The seed CNN's architecture; experiments vary these fields."""
+    """The seed CNN's architecture (`model.CNN`); experiments vary these fields."""
 
-    conv1_features: int = 32
-    conv1_kernel: int = 5
-    conv2_features: int = 64
-    conv2_kernel: int = 2
-    dense_features: int = 1000
-    num_classes: int = 10
-    dropout_rate: float = 0.25
-    padding: str = "SAME"
-    pool: str = "max"
+    conv1_features: int = option(32, "first convolution's filters")
+    conv1_kernel: int = option(5, "first convolution's kernel size")
+    conv2_features: int = option(64, "second convolution's filters")
+    conv2_kernel: int = option(2, "second convolution's kernel size")
+    dense_features: int = option(1000, "hidden dense layer's units")
+    num_classes: int = option(10, "output classes")
+    dropout_rate: float = option(0.25, "dropout rate before the dense layers", flag="--dropout")
+    padding: str = option("SAME", "convolutions' padding", choices=PADDINGS)
+    pool: str = option("max", "pooling after each convolution", choices=POOLS)
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """A training run. `dataclasses.replace(Config(), epochs=1)` makes variants."""
 
-    dataset: str = "mnist"
-    epochs: int = 5
-    batch_size: int = 32
-    learning_rate: float = 1e-3
-    seed: int = 0
-    train_examples: int | None = None  # use only the first N training images
+    dataset: str = option("mnist", "data set", choices=DATASETS)
+    epochs: int = option(5, "epochs to train (in all, when resuming)")
+    batch_size: int = option(32, "examples per training step (over all devices)")
+    learning_rate: float = option(1e-3, "Adam's learning rate")
+    seed: int = option(0, "seed of the initial parameters, dropout and data order")
+    train_examples: int | None = option(None, "use only the first N training images", type=int)
     model: ModelConfig = dataclasses.field(default_factory=ModelConfig)
-    # "device": whole splits as arrays on the device, batches gathered inside
-    # the compiled step (fast path). "tfdata": a tf.data pipeline feeding host batches.
-    pipeline: str = "device"
-    compute_dtype: str = "float32"  # "bfloat16": bf16 activations, f32 params/optimizer
-    eval_batch_size: int = EVAL_BATCH_SIZE
-    workdir: str | None = None
-    data_dir: str | None = None
-    manual_dir: str | None = None
-    arrays: str | None = None  # an .npz from `python -m mnist_jax export`: read instead of tfds, no TensorFlow
-    keep_checkpoints: int = 3
-    checkpoint_every_steps: int = 0  # 0: only at the end of every epoch
-    devices: str = "all"  # data parallel over all local devices (every process's, multi-host), or the first N
-    # Training steps per compiled call (the epoch's shuffle, batching and steps under one lax.scan).
-    # 0: auto, the whole epoch on GPU/TPU, chunks of 100 on CPU (train.CPU_STEPS_PER_CALL); 1 with checkpoint_every_steps.
-    steps_per_call: int = 0
+    pipeline: str = option(
+        "device", "device: whole splits on the device, batches gathered in the compiled step; tfdata: a tf.data pipeline feeding host batches",
+        choices=PIPELINES,
+    )  # fmt: skip
+    compute_dtype: str = option("float32", "activations' dtype (parameters and optimizer stay float32)", flag="--dtype", choices=COMPUTE_DTYPES)
+    eval_batch_size: int = option(EVAL_BATCH_SIZE, "examples per evaluation batch")
+    workdir: str | None = option(None, "run folder (default: runs/<dataset>-<timestamp>, linked as runs/latest)", type=str)
+    data_dir: str | None = option(None, "tfds data_dir (default: tfds's, or $TFDS_DATA_DIR)", type=str)
+    manual_dir: str | None = option(None, "folder holding the four MNIST .gz files, for offline preparation (or $MNIST_JAX_MANUAL_DIR)", type=str)
+    arrays: str | None = option(None, "read the data from this .npz (made by `export`) instead of tfds: no TensorFlow", type=str)
+    keep_checkpoints: int = option(3, "checkpoints kept (the latest N, and the best by val_accuracy)")
+    checkpoint_every_steps: int = option(0, "also checkpoint every N steps inside an epoch (0: only at epoch ends)")
+    devices: str = option("all", "data parallel over 'all' devices (every process's, multi-host), or the first N")
+    steps_per_call: int = option(
+        0, "training steps per compiled call, under lax.scan (0: auto, the whole epoch on GPU/TPU, 100 on CPU; 1 with --checkpoint-every-steps)"
+    )
 
     def validate(self) -> "Config":
         """Raise UserError naming the first invalid field; return self for chaining."""

@@ -29,10 +29,9 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max pooling, stride 2, of [N, H, W, C] with H and W even.
 
     Its gradient goes whole to each window's first maximum in row-major order, as TensorFlow's
-    MaxPoolGrad (the seed's) does. JAX's rule for a reduction's max splits it evenly among tied
-    maxima, computing each window's count of them: that cost 2-8 % of a seed-recipe step on
-    XLA:CPU. Ties here come from ReLU zeros (no gradient either way) and from a constant
-    background, where the parameters' gradients come out the same under both rules.
+    MaxPoolGrad (the seed's) does, rather than JAX's even split among tied maxima, which costs a
+    count of them per window (docs/performance.md). Ties come from ReLU zeros (no gradient either
+    way) and a constant background, where the parameters' gradients are the same under both rules.
     Reverse mode only (a `custom_vjp`); `Pool2x2(train=False)` is a plain max.
     """
     return _max_of_windows(x)
@@ -62,11 +61,9 @@ max_pool_2x2.defvjp(_max_pool_forward, _max_pool_backward)
 class Pool2x2(nn.Module):
     """2x2 pooling with stride 2, floor-cropping odd sizes like Keras' 'valid' pooling.
 
-    Written as reshape + max/mean rather than `nn.max_pool`: on XLA:CPU the
-    backward pass of reduce_window cost ~15 ms of a 25 ms step, while the
-    gradient of a plain reduction is a cheap elementwise mask. Max pooling
-    trains with `max_pool_2x2`'s gradient (TensorFlow's tie rule, cheaper);
-    with `train=False` it is the plain reduction, differentiable in any mode.
+    Written as reshape + max/mean rather than `nn.max_pool`, whose reduce_window backward pass is
+    slow on XLA:CPU (docs/performance.md). Max pooling trains with `max_pool_2x2`'s gradient
+    (TensorFlow's tie rule); with `train=False` it is the plain reduction, differentiable in any mode.
     """
 
     kind: str = "max"
@@ -102,8 +99,7 @@ def _patch_matmul_conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Arr
     k, channels, features = kernel.shape[0], kernel.shape[2], kernel.shape[3]
     patches = jnp.concatenate(_shifted_views(x, k, padding), axis=-1)
     # 2-D, so that its kernel gradient contracts dimension 0 of the patches and of the output gradient as laid
-    # out; on the 4-D form XLA:CPU first transposed the output gradient of each convolution ([32,25088] and
-    # [64,6272] copies), ~6 % of a seed-recipe step here.
+    # out; on the 4-D form XLA:CPU first transposed each output gradient (docs/performance.md).
     y = patches.reshape(-1, k * k * channels) @ kernel.reshape(k * k * channels, features)
     return y.reshape(*patches.shape[:3], features)
 
@@ -111,7 +107,7 @@ def _patch_matmul_conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Arr
 @functools.lru_cache(maxsize=None)
 def _unbatched_xla_conv(padding: str) -> Any:
     """XLA's convolution, except under `jax.vmap` of several (models stacked by `mnist_jax.multi`), where it is the
-    patch matmul: a vmapped convolution becomes a grouped one, which made 2 vmapped seed models' steps ~4 % slower."""
+    patch matmul: a vmapped convolution becomes a grouped one, slower on XLA:CPU (docs/performance.md)."""
 
     @jax.custom_batching.custom_vmap
     def conv(x, kernel):
@@ -133,11 +129,9 @@ def single_channel_conv(x: jax.Array, kernel: jax.Array, padding: str) -> jax.Ar
     """XLA's convolution of a one-channel input [N, H, W, 1], whose kernel gradient is one matmul over the
     input's shifted views stacked on a leading axis ([k*k, pixels] @ [pixels, features]).
 
-    For the first layer of a CNN (images in, no input gradient needed) this trained the seed recipe 4-7 %
-    faster per step on XLA:CPU than the patch matmul both ways (five interleaved A/Bs of 100-step chunks,
-    faster in 67-100 % of their 8-30 rounds): with one channel, concatenating the 25 views on the minor
-    axis is slow, and XLA's convolution forward is quick. The input gradient, XLA's, is dead code unless
-    something asks for it.
+    For the first layer of a CNN (images in, no input gradient needed) this trains faster on XLA:CPU than
+    the patch matmul both ways: with one channel, concatenating the views on the minor axis is slow
+    (docs/performance.md). The input gradient, XLA's, is dead code unless something asks for it.
     """
     return _unbatched_xla_conv(padding)(x, kernel)
 
@@ -161,13 +155,12 @@ single_channel_conv.defvjp(_single_channel_conv_forward, _single_channel_conv_ba
 class Conv(nn.Module):
     """A stride-1 2-D convolution with `nn.Conv`'s parameters (kernel [k, k, in, out], bias [out]).
 
-    For training (`form="matmul"`, the default) it is one matmul over shifted views of
-    the input: on XLA:CPU the gradients of that form (plain matmuls) ran ~10 % faster per
-    seed-recipe step than those of `conv_general_dilated`. A one-channel input (the first
-    layer) runs XLA's convolution forward and only its kernel gradient as a matmul
-    (`single_channel_conv`). Without gradients (`train=False`: evaluation, prediction), or
-    with `form="xla"`, it is XLA's own convolution, which ran faster forward-only here
-    (10,000 test images: 1.4 s vs 2.3 s). All give the same result up to float summation order.
+    For training (`form="matmul"`, the default) it is one matmul over shifted views of the input,
+    whose gradients (plain matmuls) are faster on XLA:CPU than those of `conv_general_dilated`
+    (docs/performance.md). A one-channel input (the first layer) runs XLA's convolution forward
+    and only its kernel gradient as a matmul (`single_channel_conv`). Without gradients
+    (`train=False`: evaluation, prediction), or with `form="xla"`, it is XLA's own convolution,
+    the faster one forward-only. All give the same result up to float summation order.
     """
 
     features: int
@@ -201,19 +194,11 @@ class Flatten(nn.Module):
 class CNN(nn.Module):
     """Conv5x5·32 → pool → Conv2x2·64 → pool → Dropout → Dense 1000 → Dense 10 (logits).
 
-    Defaults are the seed's 3,156,098-parameter network. `dtype` is the
-    compute dtype; parameters stay float32.
+    `config` (a `ModelConfig`) is the architecture; its defaults are the seed's 3,156,098-parameter
+    network. `dtype` is the compute dtype; parameters stay float32.
     """
 
-    conv1_features: int = 32
-    conv1_kernel: int = 5
-    conv2_features: int = 64
-    conv2_kernel: int = 2
-    dense_features: int = 1000
-    num_classes: int = 10
-    dropout_rate: float = 0.25
-    padding: str = "SAME"
-    pool: str = "max"
+    config: ModelConfig = ModelConfig()  # the architecture
     dtype: Any = jnp.float32
     # Keras' defaults, so the seed trains as the tutorial's program does.
     kernel_init: Any = nn.initializers.glorot_uniform()
@@ -221,25 +206,26 @@ class CNN(nn.Module):
 
     @classmethod
     def from_config(cls, config: ModelConfig, dtype: Any = jnp.float32) -> "CNN":
-        return cls(**vars(config), dtype=dtype)
+        return cls(config, dtype=dtype)
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
+        c = self.config
         conv = lambda features, kernel, name: Conv(  # noqa: E731
-            features, kernel, padding=self.padding, dtype=self.dtype, kernel_init=self.kernel_init, form=self.conv_form, name=name
+            features, kernel, padding=c.padding, dtype=self.dtype, kernel_init=self.kernel_init, form=self.conv_form, name=name
         )
         dense = lambda features, name: nn.Dense(  # noqa: E731
             features, dtype=self.dtype, kernel_init=self.kernel_init, name=name
         )
         x = images.astype(self.dtype)
-        x = nn.relu(conv(self.conv1_features, self.conv1_kernel, "conv1")(x, train))
-        x = Pool2x2(self.pool, name="pool1")(x, train)
-        x = nn.relu(conv(self.conv2_features, self.conv2_kernel, "conv2")(x, train))
-        x = Pool2x2(self.pool, name="pool2")(x, train)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train, name="dropout")(x)
+        x = nn.relu(conv(c.conv1_features, c.conv1_kernel, "conv1")(x, train))
+        x = Pool2x2(c.pool, name="pool1")(x, train)
+        x = nn.relu(conv(c.conv2_features, c.conv2_kernel, "conv2")(x, train))
+        x = Pool2x2(c.pool, name="pool2")(x, train)
+        x = nn.Dropout(c.dropout_rate, deterministic=not train, name="dropout")(x)
         x = Flatten(name="flatten")(x)
-        x = nn.relu(dense(self.dense_features, "dense1")(x))
-        x = dense(self.num_classes, "dense2")(x)
+        x = nn.relu(dense(c.dense_features, "dense1")(x))
+        x = dense(c.num_classes, "dense2")(x)
         return x.astype(jnp.float32)
 
 

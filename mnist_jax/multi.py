@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,20 +32,11 @@ import numpy as np
 import optax
 from flax.training.train_state import TrainState
 
-from mnist_jax import data
-from mnist_jax.config import EVAL_BATCH_SIZE, Config
+from mnist_jax import data, loop, steps
+from mnist_jax.config import EVAL_BATCH_SIZE, Config, UserError
 from mnist_jax.model import IMAGE_SHAPE
-from mnist_jax.train import (
-    StepKeys,
-    _accumulate,
-    _eval_step,
-    _train_step,
-    _zero_sums,
-    donation_compiler_options,
-    make_model,
-    predict,
-    resolve_steps_per_call,
-)
+from mnist_jax.parallel import data_parallel
+from mnist_jax.steps import StepKeys, make_model, predict
 
 StepFn = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
 
@@ -130,14 +120,10 @@ def _batch_axis(batch: dict) -> int | None:
 def map_models(fn: Callable, in_axes: Sequence[int | None], *args: Any, sequential: bool = False) -> Any:
     """`jax.vmap(fn, in_axes)(*args)`, or with `sequential=True` the models one after another.
 
-    `sequential=True` is for forward passes: the CNN then evaluates with XLA's convolution,
-    which vmapped over models would become a grouped convolution, several times slower on
-    XLA:CPU; a single model is then simply `fn` on the squeezed arguments. Training steps
-    stay vmapped even for one model: squeezing a donated state (x[0], then x[None]) made
-    XLA:CPU copy the 12.5 MB Dense kernel and both Adam moments every step and doubled the
-    step's scratch memory (30 -> 64 MB, above glibc's largest mmap threshold, so each step
-    also faulted in fresh pages): 67-74 ms/step against 34-43 ms vmapped, which is what
-    `fit`'s step costs.
+    `sequential=True` is for forward passes: the CNN then evaluates with XLA's convolution, which
+    vmapped over models would become a slow grouped convolution on XLA:CPU; a single model is then
+    simply `fn` on the squeezed arguments. Training steps stay vmapped even for one model: squeezing
+    a donated state made XLA:CPU copy the Dense kernel and Adam's moments every step (docs/performance.md).
     """
     if not sequential:
         return jax.vmap(fn, in_axes=tuple(in_axes))(*args)
@@ -154,7 +140,7 @@ def map_models(fn: Callable, in_axes: Sequence[int | None], *args: Any, sequenti
     return jax.lax.map(one, mapped)
 
 
-def vmap_step(step_fn: StepFn = _train_step) -> Callable:
+def vmap_step(step_fn: StepFn = steps.train_step) -> Callable:
     """`step_fn(state, batch, rng)` for K models at once: (states, batch shared or [K, ...], rngs[K]) -> (states, metrics[K])."""
 
     def steps(states, batch, rngs):
@@ -163,14 +149,14 @@ def vmap_step(step_fn: StepFn = _train_step) -> Callable:
     return steps
 
 
-train_steps = jax.jit(vmap_step(_train_step))
+train_steps = jax.jit(vmap_step(steps.train_step))
 train_steps.__doc__ = """One Adam step for each of K stacked models: (states, batch, rngs[K]) -> (states, metrics[K]). Pure.
 
 `batch["image"]` is f32[B, 28, 28, 1] (all models see it) or f32[K, B, 28, 28, 1] (one batch per model)."""
 
 
 def _eval_steps(states: TrainState, batch: dict) -> dict:
-    return map_models(_eval_step, (0, _batch_axis(batch)), states, batch, sequential=True)
+    return map_models(steps.eval_step, (0, _batch_axis(batch)), states, batch, sequential=True)
 
 
 eval_steps = jax.jit(_eval_steps)
@@ -184,13 +170,7 @@ def _predict_many(states: TrainState, images: jax.Array) -> jax.Array:
 
 def evaluate_many(states: TrainState, arrays: dict[str, Any], batch_size: int = EVAL_BATCH_SIZE) -> dict[str, np.ndarray]:
     """Loss and accuracy of each model over every example of `arrays` (last batch padded and masked): arrays of shape [K]."""
-    n = len(arrays["label"])
-    loss = correct = 0.0
-    for batch in data.padded_batches(arrays, batch_size):
-        m = eval_steps(states, batch)
-        loss = loss + m["loss"] * m["count"]
-        correct = correct + m["accuracy"] * m["count"]
-    return {"loss": np.asarray(loss) / n, "accuracy": np.asarray(correct) / n}
+    return loop.evaluate(states, arrays, batch_size, step=eval_steps)
 
 
 def predict_many(states: TrainState, images: np.ndarray, batch_size: int = EVAL_BATCH_SIZE) -> np.ndarray:
@@ -203,39 +183,16 @@ def predict_many(states: TrainState, images: np.ndarray, batch_size: int = EVAL_
     return np.concatenate(chunks, axis=1)[:, :n]
 
 
-def _device_steps(step_fn: StepFn, states, sums, images, labels, indices, dropout_keys):
-    """One step of every model on batches gathered on the device; per-model metric sums, no host sync."""
+def many_models_step(step_fn: StepFn = steps.train_step) -> loop.OneStep:
+    """The one-step function (`mnist_jax.loop`) of K stacked models: model k's batch gathered from
+    indices [K, B] (or all models' from one [B]), its dropout key dropout_keys[k], its own metric sums."""
 
-    def one(state, sums, idx, key):
-        step = state.step
-        state, metrics = step_fn(state, {"image": images[idx], "label": labels[idx]}, jax.random.fold_in(key, step))
-        return state, _accumulate(sums, metrics, step)
+    def one_step(states, sums, images, labels, indices, dropout_keys):
+        in_axes = (0, 0, None, None, 0 if indices.ndim == 2 else None, 0)
+        return map_models(functools.partial(steps.gathered_train_step, step_fn), in_axes, states, sums, images, labels, indices, dropout_keys)
 
-    return map_models(one, (0, 0, 0 if indices.ndim == 2 else None, 0), states, sums, indices, dropout_keys)
+    return one_step
 
-
-def _device_step_chunk(step_fn: StepFn, states, sums, images, labels, indices, dropout_keys):
-    """`_device_steps` over indices[n, ...] (n steps) under one `lax.scan`: n steps per compiled call."""
-
-    def body(carry, step_indices):
-        return _device_steps(step_fn, *carry, images, labels, step_indices, dropout_keys), None
-
-    (states, sums), _ = jax.lax.scan(body, (states, sums), indices)
-    return states, sums
-
-
-@functools.lru_cache(maxsize=None)
-def compiled_device_steps(step_fn: StepFn = _train_step, chunk: bool = False) -> Callable:
-    """The jitted fit_many step for `step_fn`: (states, sums, images, labels, indices, dropout_keys[K]); old states donated.
-
-    indices: [K, B] (per-model batches) or [B] (shared) for one step; with `chunk`, [n, K, B] or
-    [n, B] for n steps under one `lax.scan` (one program per n)."""
-    fn = functools.partial(_device_step_chunk if chunk else _device_steps, step_fn)
-    return jax.jit(fn, donate_argnums=(0, 1), compiler_options=donation_compiler_options())
-
-
-# Every model's data order of an epoch: [K, steps, batch] indices.
-_epoch_orders = jax.jit(jax.vmap(data.epoch_permutation, in_axes=(0, None, None, None)), static_argnums=(2, 3))
 
 _SHARED_FIELDS_EXEMPT = ("seed", "learning_rate", "workdir")
 
@@ -255,7 +212,7 @@ def fit_many(
     *,
     model: Any = None,
     optimizer: optax.GradientTransformation | None = None,
-    step_fn: StepFn = _train_step,
+    step_fn: StepFn = steps.train_step,
     eval_train: bool = False,
     shared_order: bool = False,
     verbose: bool = False,
@@ -265,7 +222,7 @@ def fit_many(
     `configs` may differ only in `seed` and `learning_rate`; `epochs`, `batch_size`, `train_examples`,
     `eval_batch_size` and the model come from `configs[0]`. `train`/`test` are `load_split` arrays
     (`test` None: no validation). `model`, `optimizer` and `step_fn` (a function like
-    `mnist_jax.train._train_step`) replace the library's defaults for the whole group. With
+    `mnist_jax.steps.train_step`) replace the library's defaults for the whole group. With
     `eval_train`, each epoch also evaluates every model on its training set in eval mode (no dropout).
     With `shared_order`, all models see the batches of configs[0]'s data order. Steps are dispatched
     `config.steps_per_call` at a time, as in `fit` (auto: 100 on CPU, a whole epoch on GPU/TPU, under `lax.scan`).
@@ -280,71 +237,47 @@ def fit_many(
     config = configs[0].validate()
     if config.train_examples is not None:
         train = {k: v[: config.train_examples] for k, v in train.items()}
-    num_train, k_models = len(train["label"]), len(configs)
-    steps_per_epoch = num_train // config.batch_size
-    if steps_per_epoch == 0:
-        raise ValueError(f"batch size {config.batch_size} is larger than the {num_train} training examples")
-
+    steps_per_epoch = loop.check_steps_per_epoch(len(train["label"]), config.batch_size)
+    dp = data_parallel(1)
     keys = [StepKeys.from_seed(c.seed) for c in configs]
     init_keys, dropout_keys, data_keys = (jnp.stack([getattr(k, f) for k in keys]) for f in ("init", "dropout", "data"))
     states = create_train_states(init_keys, config, model=model, optimizer=optimizer)
     if any(c.learning_rate != config.learning_rate for c in configs):
         states = set_learning_rates(states, [c.learning_rate for c in configs])
-    images, labels = jax.device_put(train["image"]), jax.device_put(train["label"])
-    zero_sums = lambda: jax.tree.map(lambda x: jnp.tile(x, k_models), _zero_sums())  # noqa: E731
+    zero_sums = lambda: dp.put_replicated(jax.tree.map(lambda x: jnp.tile(x, len(configs)), steps.zero_sums()))  # noqa: E731
 
-    per_call = resolve_steps_per_call(config, steps_per_epoch)
-
-    def step_indices(order: np.ndarray, i: int, n: int) -> np.ndarray:
-        """Batches of steps i..i+n from order[K, steps, B]: [K, B] ([B] with shared_order) for one step, [n, K, B] ([n, B]) for more."""
-        chunk = order[0, i : i + n] if shared_order else order[:, i : i + n].swapaxes(0, 1)
-        return chunk[0] if n == 1 else chunk
-
-    start = time.perf_counter()
-    # Compiled before the clock too: jitted at its first call, the first epoch's time held this compilation.
-    order_fn = _epoch_orders.lower(data_keys, 0, num_train, config.batch_size).compile()
-    shape_only = np.zeros((k_models, per_call, config.batch_size), np.int32)  # lowering needs the indices' shape alone
-    compiled = {}  # chunk length -> executable: the full chunk, and the epoch's last, shorter one
-    for n in {per_call, steps_per_epoch % per_call} - {0}:
-        fn = compiled_device_steps(step_fn, chunk=n > 1)
-        compiled[n] = fn.lower(states, zero_sums(), images, labels, step_indices(shape_only, 0, n), dropout_keys).compile()
-    compile_time = time.perf_counter() - start
-    fit_start = time.perf_counter()  # as in `fit`: fit_time_s is the epochs', compilation apart
+    compile_clock, per_call = loop.Stopwatch(), loop.resolve_steps_per_call(config, steps_per_epoch)
+    order = loop.epoch_order(dp, data_keys[0] if shared_order else data_keys, len(train["label"]), config.batch_size)
+    images, labels = dp.put_replicated(train["image"]), dp.put_replicated(train["label"])
+    feed = loop.device_feed(many_models_step(step_fn), dp, images, labels, dropout_keys, per_call, steps_per_epoch)
+    feed.compile(states, zero_sums(), order(0).shape)
+    compile_time, fit_clock = compile_clock.elapsed(), loop.Stopwatch()  # fit_time_s, as in `fit`: compilation apart
 
     names = ["loss", "accuracy", "val_loss", "val_accuracy"] + (["train_eval_loss", "train_eval_accuracy"] if eval_train else [])
-    histories = [{**{n: [] for n in names}, "epoch_time_s": [], "eval_time_s": []} for _ in configs]
-    nonfinite = [None] * k_models
+    histories = [{**{n: [] for n in names}, "epoch_time_s": [], "eval_time_s": [], "nonfinite_step": None} for _ in configs]
     for epoch in range(config.epochs):
-        epoch_start = time.perf_counter()
-        order = np.asarray(order_fn(data_keys, epoch))  # [K, steps, B]
-        sums = zero_sums()
-        for i in range(0, steps_per_epoch, per_call):
-            n = min(per_call, steps_per_epoch - i)
-            states, sums = compiled[n](states, sums, images, labels, step_indices(order, i, n), dropout_keys)
+        epoch_clock = loop.Stopwatch()
+        feed.start_epoch(order(epoch), 0)
+        states, sums = loop.run_epoch(feed, states, zero_sums(), first_step=0, num_steps=steps_per_epoch, per_call=per_call)
         sums = jax.device_get(sums)
-        train_time = time.perf_counter() - epoch_start
+        train_time = epoch_clock.elapsed()
         rows = {"loss": sums["loss"] / steps_per_epoch, "accuracy": sums["accuracy"] / steps_per_epoch}
-        if test is not None:
-            val = evaluate_many(states, test, config.eval_batch_size)
-            rows.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-        if eval_train:
-            tr = evaluate_many(states, train, config.eval_batch_size)
-            rows.update(train_eval_loss=tr["loss"], train_eval_accuracy=tr["accuracy"])
-        eval_time = time.perf_counter() - epoch_start - train_time
+        for prefix, arrays in (("val_", test), ("train_eval_", train if eval_train else None)):
+            if arrays is not None:
+                rows.update({prefix + k: v for k, v in evaluate_many(states, arrays, config.eval_batch_size).items()})
+        eval_time = epoch_clock.elapsed() - train_time
         for k, history in enumerate(histories):
             for name, values in rows.items():
                 history[name].append(float(values[k]))
             history["epoch_time_s"].append(train_time)
             history["eval_time_s"].append(eval_time)
-            bad = int(sums["first_nonfinite_step"][k])
-            if nonfinite[k] is None and bad >= 0:
-                nonfinite[k] = bad
+            if history["nonfinite_step"] is None and sums["first_nonfinite_step"][k] >= 0:
+                history["nonfinite_step"] = int(sums["first_nonfinite_step"][k])
         if verbose:
             shown = "val_accuracy" if test is not None else "accuracy"
             values = " ".join(f"{a:.4f}" for a in rows[shown])
-            print(f"Epoch {epoch + 1}/{config.epochs} - {train_time:.1f}s train, {eval_time:.1f}s eval - {k_models} model(s) - {shown} {values}", flush=True)
-    fit_time = time.perf_counter() - fit_start
-    for k, history in enumerate(histories):
-        history.update(compile_time_s=compile_time, fit_time_s=fit_time, nonfinite_step=nonfinite[k], seed=configs[k].seed,
-                       learning_rate=configs[k].learning_rate)  # fmt: skip
+            print(f"Epoch {epoch + 1}/{config.epochs} - {train_time:.1f}s train, {eval_time:.1f}s eval - {len(configs)} model(s) - {shown} {values}", flush=True)
+    fit_time = fit_clock.elapsed()
+    for config_k, history in zip(configs, histories):
+        history.update(compile_time_s=compile_time, fit_time_s=fit_time, seed=config_k.seed, learning_rate=config_k.learning_rate)
     return states, histories

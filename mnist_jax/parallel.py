@@ -10,7 +10,6 @@ and inserts the gradient all-reduce. Multi-host runs start with
 from __future__ import annotations
 
 import dataclasses
-import itertools
 from typing import Any
 
 import jax
@@ -37,7 +36,8 @@ def initialize_distributed(coordinator: str | None, num_processes: int | None, p
 
 
 def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
-    """Block until every process reaches the barrier `name` (a no-op with one process).
+    """Block until every process reaches the barrier `name` (a no-op with one process). A name may be used
+    once in a process's life: callers make it unique with what every process agrees on (workdir, step).
 
     The coordinator's barrier, not a device collective like `multihost_utils.sync_global_devices`:
     a CPU collective's setup (gloo) gives up after 30 s when one process arrives late, while
@@ -45,12 +45,7 @@ def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:
     if jax.process_count() > 1:
         import orbax.checkpoint as ocp
 
-        # A barrier's key may be used once; every process passes its barriers in the same order, so the count agrees.
-        key = f"{name}:{next(_barriers_passed)}"
-        ocp.multihost.sync_global_processes(key, timeout=timeout_s, processes=set(range(jax.process_count())))
-
-
-_barriers_passed = itertools.count()
+        ocp.multihost.sync_global_processes(name, timeout=timeout_s, processes=set(range(jax.process_count())))
 
 
 @dataclasses.dataclass(frozen=True)

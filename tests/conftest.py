@@ -11,10 +11,23 @@ REPO = Path(__file__).resolve().parent.parent
 DEFAULT_MANUAL_DIR = REPO.parent / "shared" / "data" / "mnist"
 
 
+MNIST_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def _candidate() -> Path:
+    return Path(os.environ.get("MNIST_JAX_MANUAL_DIR", DEFAULT_MANUAL_DIR))
+
+
 def mnist_manual_dir() -> Path | None:
-    candidate = Path(os.environ.get("MNIST_JAX_MANUAL_DIR", DEFAULT_MANUAL_DIR))
-    files = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
-    return candidate if all((candidate / f).is_file() for f in files) else None
+    candidate = _candidate()
+    return candidate if all((candidate / f).is_file() for f in MNIST_FILES) else None
+
+
+def pytest_configure(config):
+    """Under CI (CI set, as .ci/run does), missing MNIST files fail the run at once instead of skipping half of it."""
+    if os.environ.get("CI") and mnist_manual_dir() is None:
+        missing = [f for f in MNIST_FILES if not (_candidate() / f).is_file()]
+        pytest.exit(f"CI: real MNIST missing in {_candidate()}: {', '.join(missing)} (set MNIST_JAX_MANUAL_DIR)", returncode=4)
 
 
 @pytest.fixture(scope="session")
@@ -38,25 +51,3 @@ def mnist_small(mnist_dirs):
     train = data.load_split("mnist", "train", num_examples=2000, **mnist_dirs)
     test = data.load_split("mnist", "test", **mnist_dirs)
     return train, test
-
-
-# Whole-process scenarios of tens of seconds each: `make test-slow` (and CI) runs them, `make test` skips them.
-SLOW_TESTS = {
-    "test_sigkill_at_a_random_step_then_resume_is_bit_identical",
-    "test_sigterm_finishes_the_step_saves_and_exits_75_then_resume_is_identical",
-    "test_a_second_sigint_ends_the_process_at_once",
-    "test_a_truncated_latest_checkpoint_is_reported_in_one_line_and_the_previous_one_used",
-    "test_a_partly_written_checkpoint_is_never_picked",
-    "test_a_diverging_learning_rate_stops_with_exit_3_naming_the_step",
-    "test_two_processes_train_like_one",
-    "test_four_devices_train_like_one_and_checkpoints_move",
-    "test_an_experiment_writes_results_json_table_and_plot",
-    "test_step_time_times_each_variant_and_the_unrolled_scan_trains_the_same",
-    "test_keras_and_jax_take_turns_epoch_by_epoch_and_the_ratio_comes_last",
-}
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.originalname in SLOW_TESTS or item.name in SLOW_TESTS:
-            item.add_marker(pytest.mark.slow)

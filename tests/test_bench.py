@@ -44,6 +44,7 @@ def test_bfloat16_is_refused_against_keras_in_one_line():
     assert result.stderr.strip().splitlines()[-1].endswith("--dtype bfloat16 needs --jax-only: the Keras reference computes in float32")
 
 
+@pytest.mark.slow  # a whole-process scenario: make test-slow
 def test_keras_and_jax_take_turns_epoch_by_epoch_and_the_ratio_comes_last(tmp_path, mnist_dirs):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "-m", "mnist_jax.bench", "--data-dir", mnist_dirs["data_dir"], "--epochs", "3", "--train-examples", "320",

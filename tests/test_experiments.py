@@ -7,6 +7,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
@@ -14,6 +15,7 @@ sys.path.insert(0, str(REPO / "experiments"))
 from common import augment, parse_seeds  # noqa: E402
 
 
+@pytest.mark.slow  # a whole-process scenario: make test-slow
 def test_an_experiment_writes_results_json_table_and_plot(tmp_path, mnist_dirs):
     cmd = [sys.executable, "experiments/padding.py", "--quick", "--train-examples", "256", "--epochs", "1", "--seeds", "2",
            "--out", str(tmp_path), "--data-dir", mnist_dirs["data_dir"], "--manual-dir", mnist_dirs["manual_dir"]]  # fmt: skip
@@ -31,6 +33,7 @@ def test_an_experiment_writes_results_json_table_and_plot(tmp_path, mnist_dirs):
     assert (tmp_path / "plot.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow  # a whole-process scenario: make test-slow
 def test_step_time_times_each_variant_and_the_unrolled_scan_trains_the_same(tmp_path, mnist_dirs):
     cmd = [sys.executable, "experiments/step_time.py", "--quick", "--steps", "6", "--repeats", "1", "--dtypes", "float32",
            "--forms", "matmul", "--unrolls", "1,4", "--dispatch-steps", "3", "--trace-steps", "2", "--out", str(tmp_path),

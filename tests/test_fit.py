@@ -67,7 +67,7 @@ def test_scanned_steps_per_call_train_the_same_model_and_resume_mid_chunk(tmp_pa
 
 
 def test_tfdata_pipeline_runs_one_step_per_call_whatever_steps_per_call_says(mnist_dirs):
-    from mnist_jax.train import resolve_steps_per_call
+    from mnist_jax.loop import resolve_steps_per_call
 
     config = Config(pipeline="tfdata", steps_per_call=4, **mnist_dirs)
     assert resolve_steps_per_call(config, 10) == 1
@@ -75,7 +75,7 @@ def test_tfdata_pipeline_runs_one_step_per_call_whatever_steps_per_call_says(mni
 
 
 def test_auto_steps_per_call_on_cpu_is_chunks_of_100_or_one_with_step_checkpoints():
-    from mnist_jax.train import CPU_STEPS_PER_CALL, resolve_steps_per_call
+    from mnist_jax.loop import CPU_STEPS_PER_CALL, resolve_steps_per_call
 
     assert jax.default_backend() == "cpu"
     auto = Config(steps_per_call=0)
@@ -86,7 +86,7 @@ def test_auto_steps_per_call_on_cpu_is_chunks_of_100_or_one_with_step_checkpoint
 
 
 def test_auto_steps_per_call_on_accelerators_is_the_epoch_or_one_with_step_checkpoints(monkeypatch):
-    from mnist_jax.train import resolve_steps_per_call
+    from mnist_jax.loop import resolve_steps_per_call
 
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     auto = Config(steps_per_call=0)
@@ -135,11 +135,11 @@ def test_before_epoch_runs_once_the_previous_epochs_checkpoint_is_written(tmp_pa
 
 
 def test_several_processes_need_a_workdir(monkeypatch):
-    from mnist_jax.train import _prepare_workdir
+    from mnist_jax.workdir import prepare_workdir
 
     monkeypatch.setattr(jax, "process_count", lambda: 2)
     with pytest.raises(UserError, match="several processes need one --workdir on a shared file system"):
-        _prepare_workdir(Config(), resume=False)
+        prepare_workdir(Config(), resume=False)
 
 
 def test_a_stop_request_in_an_epochs_last_call_finishes_that_epoch_first(tmp_path, mnist_dirs):
@@ -147,13 +147,14 @@ def test_a_stop_request_in_an_epochs_last_call_finishes_that_epoch_first(tmp_pat
     import signal
 
     from mnist_jax import checkpoint
+    from mnist_jax.runtime import stop_on_signals
     from mnist_jax.train import Preempted, create_train_state
 
     # 10 steps an epoch in one call: a SIGTERM before epoch 1 starts is seen after that epoch's last call.
     config = Config(epochs=2, train_examples=320, steps_per_call=10, workdir=str(tmp_path / "run"), **mnist_dirs)
     uninterrupted, _ = fit(dataclasses.replace(config, workdir=str(tmp_path / "whole")), verbose=False)
-    with pytest.raises(Preempted, match="stopped by SIGTERM at step 10"):
-        fit(config, verbose=False, before_epoch=lambda epoch: os.kill(os.getpid(), signal.SIGTERM) if epoch == 0 else None)
+    with pytest.raises(Preempted, match="stopped by SIGTERM at step 10"), stop_on_signals() as stop:
+        fit(config, verbose=False, stop=stop, before_epoch=lambda epoch: os.kill(os.getpid(), signal.SIGTERM) if epoch == 0 else None)
     # The checkpoint is the epoch's end, validated (not one "inside" epoch 0 at its last step).
     with checkpoint.make_manager(tmp_path / "run" / "checkpoints") as manager:
         assert manager.all_steps() == [10]

@@ -2,7 +2,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from mnist_jax import CNN, count_params, summary
+from mnist_jax import CNN, ModelConfig, count_params, summary
 from mnist_jax.model import Pool2x2
 
 
@@ -34,7 +34,7 @@ def test_logits_shape_and_dropout_only_in_training():
     [({"padding": "VALID"}, 1_620_098), ({"dense_features": 10}, 832 + 8_256 + 31_370 + 110), ({"conv1_kernel": 3}, 3_155_586)],
 )
 def test_architecture_fields_change_the_network(kwargs, expected):
-    assert count_params(init(CNN(**kwargs))) == expected
+    assert count_params(init(CNN(ModelConfig(**kwargs)))) == expected
 
 
 def test_pool_matches_lax_reduce_window_and_floors_odd_sizes():

@@ -18,7 +18,7 @@ from mnist_jax.multi import (
     train_steps,
     unstack,
 )
-from mnist_jax.train import StepKeys
+from mnist_jax.steps import StepKeys
 
 # A narrow seed CNN (same layers, dropout on) so that tens of steps take seconds.
 SMALL = Config(batch_size=16, epochs=2, model=ModelConfig(conv1_features=8, conv2_features=8, dense_features=32))

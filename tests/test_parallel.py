@@ -20,7 +20,7 @@ WORKER = textwrap.dedent(
     import jax, numpy as np
     from mnist_jax import Config, fit, restore_checkpoint, predict, checkpoint
     from mnist_jax.parallel import data_parallel
-    from mnist_jax.train import create_train_state
+    from mnist_jax.steps import create_train_state
     assert len(jax.devices()) == 4
     data_dir, manual_dir, out = sys.argv[1:4]
     base = Config(epochs=2, train_examples=640, data_dir=data_dir, manual_dir=manual_dir)
@@ -48,6 +48,7 @@ WORKER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # a whole-process scenario: make test-slow
 def test_four_devices_train_like_one_and_checkpoints_move(tmp_path, mnist_dirs):
     env = {**os.environ, **FOUR_DEVICES}
     result = subprocess.run(
@@ -73,6 +74,7 @@ def test_batch_must_divide_over_devices(tmp_path):
     assert result.stderr.strip().endswith("batch size 30 does not divide over 4 devices (try 28 or 32)")
 
 
+@pytest.mark.slow  # a whole-process scenario: make test-slow
 def test_two_processes_train_like_one(tmp_path, mnist_dirs):
     """Two processes on 127.0.0.1 with two CPU devices each (gloo collectives) against one process.
 

@@ -200,6 +200,7 @@ def reference(tmp_path_factory, mnist_dirs) -> dict:
 # ----------------------------------------------------------------------------- kill -9, SIGTERM, SIGINT
 
 
+@pytest.mark.slow  # a whole-process scenario: make test-slow
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference, tmp_path, mnist_dirs):
     seed = int(os.environ.get("MNIST_JAX_KILL_SEED", time.time_ns() % 2**32))
     rng = random.Random(seed)
@@ -230,6 +231,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(reference, tmp_pa
     assert_same_run(workdir, reference)
 
 
+@pytest.mark.slow  # a whole-process scenario: make test-slow
 def test_sigterm_finishes_the_step_saves_and_exits_75_then_resume_is_identical(reference, tmp_path, mnist_dirs):
     workdir = tmp_path / "run"
     with Background(["train", *RUN, "--workdir", workdir, *data_flags(mnist_dirs)], tmp_path / "term") as run:
@@ -257,6 +259,7 @@ def test_sigterm_finishes_the_step_saves_and_exits_75_then_resume_is_identical(r
     assert_same_run(workdir, reference)
 
 
+@pytest.mark.slow  # a whole-process scenario: make test-slow
 def test_a_second_sigint_ends_the_process_at_once(tmp_path, mnist_dirs):
     workdir = tmp_path / "run"
     with Background(["train", *RUN, "--workdir", workdir, *data_flags(mnist_dirs)], tmp_path / "int") as run:
@@ -280,6 +283,7 @@ def test_a_second_sigint_ends_the_process_at_once(tmp_path, mnist_dirs):
 # ----------------------------------------------------------------------------- damaged checkpoints
 
 
+@pytest.mark.slow  # a whole-process scenario: make test-slow
 def test_a_partly_written_checkpoint_is_never_picked(reference, tmp_path):
     """Killed while saving: Orbax writes `<step>.orbax-checkpoint-tmp` and renames it only when complete."""
     workdir = clone_run(reference["workdir"], tmp_path / "run")
@@ -301,6 +305,7 @@ def test_a_partly_written_checkpoint_is_never_picked(reference, tmp_path):
     assert_same_run(workdir, reference)  # the step is written again, properly, and no partial folder is left
 
 
+@pytest.mark.slow  # a whole-process scenario: make test-slow
 def test_a_truncated_latest_checkpoint_is_reported_in_one_line_and_the_previous_one_used(reference, tmp_path, mnist_dirs, capfd):
     workdir = clone_run(reference["workdir"], tmp_path / "run")
     latest, previous = reference["steps"][-1], reference["steps"][-2]
@@ -334,6 +339,7 @@ def test_a_truncated_latest_checkpoint_is_reported_in_one_line_and_the_previous_
 # ----------------------------------------------------------------------------- NaN guard
 
 
+@pytest.mark.slow  # a whole-process scenario: make test-slow
 def test_a_diverging_learning_rate_stops_with_exit_3_naming_the_step(tmp_path, mnist_dirs):
     # Adam moves every weight by about the learning rate on its first step: at 1e30 the
     # step-1 loss (initial weights) is finite, the step-2 forward pass overflows to inf/NaN.

@@ -96,14 +96,15 @@ def test_fit_step_updates_the_donated_params_in_place_without_copying_them():
     # (the 12.5 MB Dense kernel: one extra pass per step); region analysis removes the copies.
     import re
 
+    from mnist_jax import loop
     from mnist_jax.parallel import data_parallel
-    from mnist_jax.train import _zero_sums, compiled_steps
+    from mnist_jax.steps import zero_sums
 
     dp = data_parallel(1)
     state = dp.put_replicated(create_train_state(jax.random.key(0), Config()))
     images, labels = jnp.zeros((64, 28, 28, 1)), jnp.zeros(64, jnp.int32)
-    device_step = compiled_steps(dp)[0]
-    compiled = device_step.lower(state, _zero_sums(), images, labels, jnp.arange(32), jax.random.key(1)).compile()
+    device_step = loop.jit_step(loop.one_model_step(train_step, dp), dp)
+    compiled = device_step.lower(state, zero_sums(), images, labels, jnp.arange(32), jax.random.key(1)).compile()
     entry = compiled.as_text().split("ENTRY", 1)[1]
     copied = re.findall(r"= (f32\[[\d,]+\])\{[\d,]*\} copy\(", entry)
     assert "f32[3136,1000]" not in copied, copied
@@ -112,8 +113,9 @@ def test_fit_step_updates_the_donated_params_in_place_without_copying_them():
 
 def test_an_unrolled_chunk_of_steps_trains_the_same_model(mnist_small):
     # `unroll` only changes how many steps one iteration of the scan's loop holds.
+    from mnist_jax import loop
     from mnist_jax.parallel import data_parallel
-    from mnist_jax.train import StepKeys, _zero_sums, compiled_chunk, compiled_epoch_order
+    from mnist_jax.steps import StepKeys, zero_sums
 
     train, _ = mnist_small
     dp, keys = data_parallel(1), StepKeys.from_seed(0)
@@ -122,8 +124,9 @@ def test_an_unrolled_chunk_of_steps_trains_the_same_model(mnist_small):
     for unroll in (1, 3):  # 3 does not divide the 10 steps: the scan's remainder runs too
         state = dp.put_replicated(create_train_state(keys.init, Config()))
         zero = dp.put_replicated(np.int32(0))
-        order = compiled_epoch_order(dp, 320, 32)(keys.data, zero)
-        state, sums = compiled_chunk(dp, 10, unroll)(state, _zero_sums(), images, labels, order, zero, keys.dropout)
+        order = loop.epoch_order(dp, keys.data, 320, 32)(0)
+        chunk = loop.jit_chunk(loop.one_model_step(train_step, dp), dp, 10, unroll)
+        state, sums = chunk(state, zero_sums(), images, labels, order, zero, keys.dropout)
         results.append((state, sums))
     (plain, plain_sums), (unrolled, unrolled_sums) = results
     assert int(plain.step) == int(unrolled.step) == 10
@@ -138,7 +141,7 @@ def test_reuse_freed_host_memory_stops_page_faults_on_large_blocks():
     # faults each); with reuse_freed_host_memory the freed block is reused. Each in its own process (it is process-wide).
     code = (
         "import ctypes, resource, sys\n"
-        "from mnist_jax.train import reuse_freed_host_memory\n"
+        "from mnist_jax.runtime import reuse_freed_host_memory\n"
         "applied = reuse_freed_host_memory() if sys.argv[1] == 'reuse' else False\n"
         "libc = ctypes.CDLL('libc.so.6'); libc.malloc.restype = ctypes.c_void_p; libc.free.argtypes = [ctypes.c_void_p]\n"
         "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
