@@ -2,15 +2,19 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 MANUAL_DIR ?= $(MNIST_JAX_MANUAL_DIR)
 
-.PHONY: install train test test-slow analyze bench bench-quick experiments speedrun clean
+.PHONY: install constraints train test test-slow analyze tensorboard bench bench-quick experiments speedrun clean
 
 install: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# constraints.txt: the exact versions CI ran (`make constraints` rewrites it from a working .venv).
+$(VENV)/.installed: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --progress-bar off --upgrade pip
-	$(PY) -m pip install -q --progress-bar off -e '.[dev]'
+	$(PY) -m pip install -q --progress-bar off -c constraints.txt -e '.[dev]'
 	touch $@
+
+constraints: install
+	{ echo '# The exact versions CI ran; make install installs them. Rewrite: make constraints'; $(PY) -m pip freeze --exclude-editable; } > constraints.txt
 
 train: install
 	$(PY) -m mnist_jax train $(if $(MANUAL_DIR),--manual-dir $(MANUAL_DIR)) $(ARGS)
@@ -23,6 +27,10 @@ test-slow: install
 
 analyze: install
 	$(PY) -m mnist_jax analyze --workdir $(or $(WORKDIR),runs/latest) $(ARGS)
+
+# Every run's live curves (runs/*/tb): http://localhost:6006
+tensorboard: install
+	$(VENV)/bin/tensorboard --logdir $(or $(LOGDIR),runs) $(ARGS)
 
 bench: install
 	$(PY) -m mnist_jax.bench $(if $(MANUAL_DIR),--manual-dir $(MANUAL_DIR)) $(ARGS)

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mnist_jax.config import Config, ModelConfig, UserError
+from mnist_jax.config import Config, ModelConfig, UserError, field_type
 
 
 class _Parser(argparse.ArgumentParser):
@@ -39,9 +39,13 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] | Non
         if names is not None and field.name not in names:
             continue
         default = field.default
-        kind = field.metadata.get("type") or type(default)
+        kind = field_type(field)
         choices = field.metadata.get("choices")
         shown = f"one of {', '.join(choices)}; " if choices else ""
+        if kind is bool:  # --name / --no-name
+            parser.add_argument(flag_name(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
+                                default=default if defaults else argparse.SUPPRESS, help=f"{field.metadata['help']} (default: {default})")  # fmt: skip
+            continue
         parser.add_argument(
             flag_name(field.name), dest=field.name, type=kind, metavar={int: "N", float: "X"}.get(kind),
             default=default if defaults else argparse.SUPPRESS, help=f"{field.metadata['help']}" + (f" ({shown}default: {default})" if default is not None else f" ({shown[:-2]})" if shown else ""),
@@ -54,6 +58,7 @@ DATA_FLAGS = ("data_dir", "manual_dir", "arrays")
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="train a model (defaults: the tutorial's recipe)")
     p.add_argument("--resume", action="store_true", help="continue the run in --workdir from its latest checkpoint, with its saved config")
+    p.add_argument("--config", metavar="FILE.json", help="start from this saved Config (a run's config.json works as is, in a new run folder); flags override it")
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: address of process 0's coordinator, or 'auto' to detect the cluster (SLURM, TPU pod, ...)")
     p.add_argument("--num-processes", type=int, metavar="N", help="multi-process: how many processes in all")
     p.add_argument("--process-id", type=int, metavar="I", help="multi-process: this process's index, 0..N-1")
@@ -81,6 +86,8 @@ def _train(args: argparse.Namespace) -> int:
     initialize_distributed(args.coordinator, args.num_processes, args.process_id)
     flags = _given_flags(args)
     if args.resume:
+        if args.config:
+            raise UserError("--resume continues the run with its own config.json; drop --config")
         if not flags.get("workdir"):
             raise UserError("--resume needs --workdir")
         saved = Config.load(Path(flags["workdir"]) / "config.json")
@@ -90,7 +97,8 @@ def _train(args: argparse.Namespace) -> int:
             dropped = ", ".join(f"{flag_name(k)} {new} (the run has {old})" for k, (new, old) in conflicts.items())
             raise UserError(f"--resume continues the run as configured in its config.json; drop {dropped}")
     else:
-        config = _apply(Config(), flags).validate()
+        base = dataclasses.replace(Config.read(args.config), workdir=None) if args.config else Config()  # its run's folder is not this one's
+        config = _apply(base, flags).validate()
     with stop_on_signals() as stop:  # the first SIGTERM/SIGINT: checkpoint and exit 75; a second: at once
         fit(config, resume=args.resume, stop=stop)
     return 0
@@ -185,6 +193,19 @@ def _predict(args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from mnist_jax import compare
+
+    runs = [compare.load_run(path) for path in args.runs]
+    try:
+        compare.plot(runs, args.out)
+    except OSError as err:
+        raise UserError(f"cannot write {args.out}: {err.strerror}") from None
+    print(compare.table(runs))
+    print(f"Curves : {args.out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="mnist_jax", description="The MNIST tutorial CNN in JAX/Flax: train, evaluate, study.")
     parser.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
@@ -208,6 +229,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--index", type=int, default=0, help="test image whose feature maps are drawn (default: %(default)s)")
     add_config_flags(p, DATA_FLAGS, defaults=True)
     p.set_defaults(run=_analyze)
+    p = sub.add_parser("compare", help="draw runs' curves on shared axes and print their config differences and final metrics")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (finished or not)")
+    p.add_argument("--out", default="compare.png", help="the plot to write (default: %(default)s)")
+    p.set_defaults(run=_compare)
     p = sub.add_parser("predict", help="predict the digit in image files (PNG, JPEG, any size or colour)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")
     p.add_argument("--workdir", default="runs/latest", help="run folder or checkpoint step folder (default: %(default)s)")

@@ -33,19 +33,29 @@ EVAL_BATCH_SIZE = 200
 # in all (each epoch's data order depends only on the seed and the epoch, so a run extended to more
 # epochs equals one that planned them). Every other field decides the trained parameters.
 RESUMABLE_CHANGES = frozenset(
-    {"data_dir", "manual_dir", "arrays", "workdir", "devices", "keep_checkpoints", "eval_batch_size", "epochs"}
+    {"data_dir", "manual_dir", "arrays", "workdir", "devices", "keep_checkpoints", "eval_batch_size", "epochs", "tensorboard", "profile_steps"}
 )
 
 
+def parse_step_range(text: str | None) -> tuple[int, int] | None:
+    """'A:B' -> (A, B) with 1 <= A <= B; None stays None. UserError otherwise."""
+    if text is None:
+        return None
+    try:
+        first, last = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise UserError(f"--profile-steps must be A:B (two step numbers), got {text!r}") from None
+    if not 1 <= first <= last:
+        raise UserError(f"--profile-steps A:B needs 1 <= A <= B, got {text!r}")
+    return first, last
+
+
 def option(default: Any, help: str, *, flag: str | None = None, type: Callable[[str], Any] | None = None,
-           choices: Sequence[str] | None = None, default_factory: Callable[[], Any] | None = None) -> Any:
+           choices: Sequence[str] | None = None) -> Any:
     """A config field that is also a command-line flag (`mnist_jax.cli.add_config_flags`): its help, its
     flag when not `--field-name`, its parser when the default is None, and the values it takes (listed in
     the help; `Config.validate` checks them, so a bad value gets the same message from a flag or a file)."""
-    metadata = {"help": help, "flag": flag, "type": type, "choices": choices}
-    if default_factory is not None:
-        return dataclasses.field(default_factory=default_factory, metadata=metadata)
-    return dataclasses.field(default=default, metadata=metadata)
+    return dataclasses.field(default=default, metadata={"help": help, "flag": flag, "type": type, "choices": choices})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,6 +100,8 @@ class Config:
     steps_per_call: int = option(
         0, "training steps per compiled call, under lax.scan (0: auto, the whole epoch on GPU/TPU, 100 on CPU; 1 with --checkpoint-every-steps)"
     )
+    tensorboard: bool = option(True, "write TensorBoard event files to WORKDIR/tb/")
+    profile_steps: str | None = option(None, "A:B: a jax.profiler trace of training steps A..B in WORKDIR/profile/", type=str)
 
     def validate(self) -> "Config":
         """Raise UserError naming the first invalid field; return self for chaining."""
@@ -121,6 +133,7 @@ class Config:
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
+        parse_step_range(self.profile_steps)  # raises its own message
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -140,13 +153,14 @@ class Config:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """A Config from `to_dict()`'s form; UserError naming the first unknown key or value of the wrong type."""
+        if not isinstance(values, dict):
+            raise UserError(f"a config is a JSON object of fields, got {type(values).__name__}")
         values = dict(values)
-        model = ModelConfig(**values.pop("model", {}))
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(values) - known
-        if unknown:
-            raise UserError(f"config has unknown fields: {', '.join(sorted(unknown))}")
-        return cls(model=model, **values)
+        model = values.pop("model", {})
+        if not isinstance(model, dict):
+            raise UserError(f"config key 'model' must be an object of model fields, got {type(model).__name__}")
+        return cls(model=ModelConfig(**_checked(ModelConfig, model, "model.")), **_checked(cls, values, ""))
 
     def save(self, path: str | Path) -> None:
         path = Path(path)
@@ -156,10 +170,46 @@ class Config:
 
     @classmethod
     def load(cls, path: str | Path) -> "Config":
+        """A run's config.json."""
         path = Path(path)
         if not path.is_file():
             raise UserError(f"no config.json in {path.parent} (is it a mnist_jax workdir?)")
+        return cls.read(path)
+
+    @classmethod
+    def read(cls, path: str | Path) -> "Config":
+        """A config from a JSON file (a run's config.json works as is); UserError in one line if it is not one."""
+        path = Path(path)
         try:
-            return cls.from_dict(json.loads(path.read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
-            raise UserError(f"cannot read {path}: {err}") from None
+            text = path.read_text()
+        except OSError as err:
+            raise UserError(f"cannot read config file {path}: {err.strerror}") from None
+        try:
+            values = json.loads(text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise UserError(f"config file {path} is not valid JSON: {err}") from None
+        try:
+            return cls.from_dict(values)
+        except UserError as err:
+            raise UserError(f"{path}: {err}") from None
+
+
+def _checked(cls: type, values: dict[str, Any], prefix: str) -> dict[str, Any]:
+    """`values` for the dataclass `cls`, each of its field's type (an int is a float too); UserError naming the key."""
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "model"}
+    for key, value in values.items():
+        if key not in fields:
+            raise UserError(f"config has unknown key '{prefix}{key}' (known: {', '.join(fields)})")
+        field = fields[key]
+        kind = field_type(field)
+        ok = (value is None and field.default is None) or (
+            isinstance(value, kind) and not (isinstance(value, bool) and kind is not bool)
+        ) or (kind is float and isinstance(value, int) and not isinstance(value, bool))
+        if not ok:
+            raise UserError(f"config key '{prefix}{key}' must be {kind.__name__}{' or null' if field.default is None else ''}, got {value!r}")
+    return {k: float(v) if field_type(fields[k]) is float and v is not None else v for k, v in values.items()}
+
+
+def field_type(field: dataclasses.Field) -> type:
+    """The type of a config field's values: its `option(type=...)`, else its default's type."""
+    return field.metadata.get("type") or type(field.default)

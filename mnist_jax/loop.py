@@ -8,8 +8,8 @@ runs steps `start .. start+n` of an epoch in one compiled call, with the old sta
 - `DeviceSteps`: one compiled call per step, the batch's indices sent from the host;
 - `TfDataBatches`: one call per step on batches a tf.data pipeline gathers on the host.
 
-`run_epoch(feed, ...)` calls the feed until the epoch ends, calling `between_calls` after each call:
-that is where `fit` checkpoints, stops on request and checks for NaN. `evaluate` covers every example.
+`run_epoch(feed, ...)` calls the feed until the epoch ends, with `EpochHooks` around each call: that is
+where `fit` checkpoints, stops on request, checks for NaN, logs and traces. `evaluate` covers every example.
 """
 
 from __future__ import annotations
@@ -212,19 +212,28 @@ def device_feed(
     return DeviceChunks(one_step, dp, images, labels, dropout_key, per_call, steps_per_epoch)
 
 
+class EpochHooks(Protocol):
+    """What runs around each call of a feed: `before_call(done, n)` with the epoch's steps done and the
+    call's; `after_call(state, sums, done, n)` once it is dispatched (may raise to end the epoch)."""
+
+    def before_call(self, done: int, n: int) -> None: ...
+
+    def after_call(self, state: Any, sums: steps.Metrics, done: int, n: int) -> None: ...
+
+
 def run_epoch(
-    feed: Feed, state: Any, sums: steps.Metrics, *, first_step: int, num_steps: int, per_call: int,
-    between_calls: Callable[[Any, steps.Metrics, int, int], None] | None = None,
+    feed: Feed, state: Any, sums: steps.Metrics, *, first_step: int, num_steps: int, per_call: int, hooks: EpochHooks | None = None
 ) -> tuple[Any, steps.Metrics]:
-    """Steps `first_step .. num_steps` of an epoch, `per_call` per call of `feed`; after each call,
-    `between_calls(state, sums, done, n)` with the steps done in the epoch and in that call."""  # fmt: skip
+    """Steps `first_step .. num_steps` of an epoch, `per_call` per call of `feed`, `hooks` around each call."""
     done = first_step
     while done < num_steps:
         n = min(per_call, num_steps - done)
+        if hooks is not None:
+            hooks.before_call(done, n)
         state, sums = feed(state, sums, done, n)
         done += n
-        if between_calls is not None:
-            between_calls(state, sums, done, n)
+        if hooks is not None:
+            hooks.after_call(state, sums, done, n)
     return state, sums
 
 

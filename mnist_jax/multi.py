@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -37,6 +38,7 @@ from mnist_jax.config import EVAL_BATCH_SIZE, Config, UserError
 from mnist_jax.model import IMAGE_SHAPE
 from mnist_jax.parallel import data_parallel
 from mnist_jax.steps import StepKeys, make_model, predict
+from mnist_jax.tblog import TensorBoardLog
 
 StepFn = Callable[[TrainState, dict, jax.Array], tuple[TrainState, dict]]
 
@@ -216,6 +218,7 @@ def fit_many(
     eval_train: bool = False,
     shared_order: bool = False,
     verbose: bool = False,
+    tb_dir: str | Path | None = None,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
     """Train K models in one compiled step: model k as `fit(configs[k])` would, without a workdir.
 
@@ -224,7 +227,8 @@ def fit_many(
     (`test` None: no validation). `model`, `optimizer` and `step_fn` (a function like
     `mnist_jax.steps.train_step`) replace the library's defaults for the whole group. With
     `eval_train`, each epoch also evaluates every model on its training set in eval mode (no dropout).
-    With `shared_order`, all models see the batches of configs[0]'s data order. Steps are dispatched
+    With `shared_order`, all models see the batches of configs[0]'s data order. With `tb_dir`, model k's
+    per-epoch scalars go to TensorBoard event files in `tb_dir/model-k` (`mnist_jax.tblog`). Steps are dispatched
     `config.steps_per_call` at a time, as in `fit` (auto: 100 on CPU, a whole epoch on GPU/TPU, under `lax.scan`).
 
     Returns the stacked final states and one history per model: loss, accuracy (running train means,
@@ -255,6 +259,7 @@ def fit_many(
 
     names = ["loss", "accuracy", "val_loss", "val_accuracy"] + (["train_eval_loss", "train_eval_accuracy"] if eval_train else [])
     histories = [{**{n: [] for n in names}, "epoch_time_s": [], "eval_time_s": [], "nonfinite_step": None} for _ in configs]
+    logs = [TensorBoardLog(None if tb_dir is None else Path(tb_dir) / f"model-{k}") for k in range(len(configs))]
     for epoch in range(config.epochs):
         epoch_clock = loop.Stopwatch()
         feed.start_epoch(order(epoch), 0)
@@ -271,6 +276,7 @@ def fit_many(
                 history[name].append(float(values[k]))
             history["epoch_time_s"].append(train_time)
             history["eval_time_s"].append(eval_time)
+            logs[k].epoch((epoch + 1) * steps_per_epoch, {name: history[name][-1] for name in [*rows, "epoch_time_s", "eval_time_s"]})
             if history["nonfinite_step"] is None and sums["first_nonfinite_step"][k] >= 0:
                 history["nonfinite_step"] = int(sums["first_nonfinite_step"][k])
         if verbose:
@@ -278,6 +284,8 @@ def fit_many(
             values = " ".join(f"{a:.4f}" for a in rows[shown])
             print(f"Epoch {epoch + 1}/{config.epochs} - {train_time:.1f}s train, {eval_time:.1f}s eval - {len(configs)} model(s) - {shown} {values}", flush=True)
     fit_time = fit_clock.elapsed()
+    for log in logs:
+        log.close()
     for config_k, history in zip(configs, histories):
         history.update(compile_time_s=compile_time, fit_time_s=fit_time, seed=config_k.seed, learning_rate=config_k.learning_rate)
     return states, histories

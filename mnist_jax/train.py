@@ -24,10 +24,12 @@ from flax.training.train_state import TrainState
 from tqdm.auto import tqdm
 
 from mnist_jax import checkpoint, data, loop, steps
-from mnist_jax.config import Config, UserError
+from mnist_jax.config import Config, UserError, parse_step_range
 from mnist_jax.model import summary
 from mnist_jax.parallel import DataParallel, check_divisible, data_parallel, wait_for_all_processes
 from mnist_jax.runtime import StopRequest
+from mnist_jax.tblog import TensorBoardLog
+from mnist_jax.tracing import StepTrace
 from mnist_jax.workdir import link_latest, prepare_workdir
 
 # Names that lived here before the steps and the loop had modules of their own.
@@ -67,6 +69,7 @@ class RunCheckpoints:
     manager: ocp.CheckpointManager
     history: dict[str, Any]
     fit_clock: loop.Stopwatch
+    tb: TensorBoardLog  # flushed before each checkpoint: a resumed run's curves miss nothing before it
 
     def raise_if_nonfinite(self, sums: steps.Metrics) -> None:
         step = loop.first_nonfinite_step(sums)
@@ -83,6 +86,7 @@ class RunCheckpoints:
         sums = {k: v.item() for k, v in jax.device_get(sums).items()}
         position = dataclasses.replace(position, sums=sums, fit_time_s=self.fit_clock.elapsed())
         meta = {**dataclasses.asdict(position), "history": copy.deepcopy(self.history)}  # written later, in the background
+        self.tb.flush()
         checkpoint.save(self.manager, state, meta, metrics=metrics)
 
     def stopped(self, state: TrainState, stop: StopRequest) -> Preempted:
@@ -91,29 +95,37 @@ class RunCheckpoints:
 
 
 @dataclasses.dataclass
-class BetweenCalls:
-    """`fit`'s work between compiled calls within an epoch: stop on request (after a checkpoint), checkpoint
-    every `every` steps, and every `PROGRESS_EVERY` steps the NaN guard and the progress bar."""
+class EpochWatch:
+    """`fit`'s `loop.EpochHooks`: around each compiled call, the profiler trace; after it, stop on request
+    (after a checkpoint), a checkpoint every `every` steps, and every `PROGRESS_EVERY` steps the NaN guard,
+    the progress bar and TensorBoard's training scalars (one host sync)."""
 
     epoch: int
     steps_per_epoch: int
     every: int
     stop: StopRequest
     saver: RunCheckpoints
+    trace: StepTrace
     epoch_clock: loop.Stopwatch
     bar: Any
 
-    def __call__(self, state: TrainState, sums: steps.Metrics, done: int, n: int) -> None:
+    def before_call(self, done: int, n: int) -> None:
+        self.trace.before_call(self.epoch * self.steps_per_epoch + done, n)
+
+    def after_call(self, state: TrainState, sums: steps.Metrics, done: int, n: int) -> None:
+        step = self.epoch * self.steps_per_epoch + done
+        self.trace.after_call(state, step)
         inside = done < self.steps_per_epoch  # at the epoch's end, fit validates and checkpoints it as usual
-        position = Position(self.epoch, done, epoch_time_s=self.epoch_clock.elapsed())
-        if inside and (self.stop.requested or loop.checkpoint_due(self.every, self.epoch * self.steps_per_epoch + done, n)):
-            self.saver.save(state, position, sums)
+        if inside and (self.stop.requested or loop.checkpoint_due(self.every, step, n)):
+            self.saver.save(state, Position(self.epoch, done, epoch_time_s=self.epoch_clock.elapsed()), sums)
         if inside and self.stop.requested:
             raise self.saver.stopped(state, self.stop)
         if done // PROGRESS_EVERY > (done - n) // PROGRESS_EVERY or not inside:  # a host sync: not every step
             self.saver.raise_if_nonfinite(sums)
-            self.bar.set_postfix({k: f"{float(sums[k]) / done:.4f}" for k in ("loss", "accuracy")}, refresh=False)
+            running = {k: float(sums[k]) / done for k in ("loss", "accuracy")}
+            self.bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
             self.bar.update(done - self.bar.n)
+            self.saver.tb.train(step, **running)
 
 
 def make_feed(config: Config, dp: DataParallel, train: dict[str, np.ndarray], keys: StepKeys, per_call: int) -> loop.Feed:
@@ -172,9 +184,7 @@ def fit(
         config.save(workdir / "config.json")
     if lead and link:
         link_latest(workdir)
-    say(summary(make_model(config)))
-    if dp.num_devices > 1:
-        say(f"Data parallel over {dp.num_devices} devices ({jax.process_count()} process(es)): {config.batch_size // dp.num_devices} examples per device per step")
+    say(summary(make_model(config)) + describe_devices(dp, config.batch_size))
 
     # Compile before the clock starts, so epochs time training alone (a warm compilation cache makes this quick).
     compile_clock, per_call = loop.Stopwatch(), loop.resolve_steps_per_call(config, steps_per_epoch)
@@ -187,44 +197,57 @@ def fit(
     say(f"Compiled in {compile_clock.elapsed():.1f} s ({per_call} step(s) per call)")
     wait_for_all_processes(f"mnist_jax:fit:start:{workdir}:{int(state.step)}")  # right before the first collective
 
-    saver, stop = RunCheckpoints(manager, history, loop.Stopwatch(position.fit_time_s)), stop or StopRequest()
+    tb = TensorBoardLog(workdir / "tb" if config.tensorboard and lead else None, resumed_at=int(state.step) if resume else None)
+    saver, stop = RunCheckpoints(manager, history, loop.Stopwatch(position.fit_time_s), tb), stop or StopRequest()
+    trace = StepTrace(parse_step_range(config.profile_steps), workdir / "profile")
     # Closing the manager waits for async saves; `bars` clears the progress bar before an error is printed.
-    with manager, contextlib.ExitStack() as bars:
+    with tb, manager, trace, contextlib.ExitStack() as bars:
         for epoch in range(position.epoch, config.epochs):
             if before_epoch is not None:
                 manager.wait_until_finished()  # the last epoch's checkpoint is written: nothing of this run runs on
                 with saver.fit_clock.paused():
                     before_epoch(epoch)
             resumed = position if epoch == position.epoch else Position(epoch)
-            epoch_clock = loop.Stopwatch(resumed.epoch_time_s)
-            sums = dp.put_replicated(steps.sums_from_host(resumed.sums))
+            epoch_clock, sums = loop.Stopwatch(resumed.epoch_time_s), dp.put_replicated(steps.sums_from_host(resumed.sums))
             feed.start_epoch(order(epoch), resumed.step_in_epoch)
             bar = bars.enter_context(tqdm(total=steps_per_epoch, initial=resumed.step_in_epoch, desc=f"Epoch {epoch + 1}/{config.epochs}",
                                           disable=not (verbose and lead), leave=False))  # fmt: skip
-            between = BetweenCalls(epoch, steps_per_epoch, config.checkpoint_every_steps, stop, saver, epoch_clock, bar)
+            watch = EpochWatch(epoch, steps_per_epoch, config.checkpoint_every_steps, stop, saver, trace, epoch_clock, bar)
             state, sums = loop.run_epoch(feed, state, sums, first_step=resumed.step_in_epoch, num_steps=steps_per_epoch,
-                                         per_call=per_call, between_calls=between)  # fmt: skip
+                                         per_call=per_call, hooks=watch)  # fmt: skip
             bar.close()
             train_seconds = epoch_clock.elapsed()
             val = evaluate(state, test, config.eval_batch_size, dp, eval_fn)
-            row = {"loss": float(sums["loss"]) / steps_per_epoch, "accuracy": float(sums["accuracy"]) / steps_per_epoch}
-            row.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            for key, value in {**row, "epoch_time_s": epoch_clock.elapsed(), "train_time_s": train_seconds}.items():
-                history[key].append(value)
-            say(epoch_line(epoch + 1, config.epochs, history["epoch_time_s"][-1], row))
+            row = {"loss": float(sums["loss"]) / steps_per_epoch, "accuracy": float(sums["accuracy"]) / steps_per_epoch,
+                   "val_loss": val["loss"], "val_accuracy": val["accuracy"], "epoch_time_s": epoch_clock.elapsed(), "train_time_s": train_seconds}  # fmt: skip
+            for key in HISTORY_KEYS:
+                history[key].append(row[key])
+            say(epoch_line(epoch + 1, config.epochs, row))
+            tb.epoch((epoch + 1) * steps_per_epoch, {**row, "learning_rate": config.learning_rate})
             saver.save(state, Position(epoch + 1), dp.put_replicated(steps.zero_sums()), metrics=val)
             if stop.requested and epoch + 1 < config.epochs:
                 raise saver.stopped(state, stop)
-    history["fit_time_s"] = saver.fit_clock.elapsed()
-    write_results(workdir, history, evaluate(state, test, config.eval_batch_size, dp, eval_fn), say, lead)
+        trace.stop(state)
+        manager.wait_until_finished()  # fit_time_s includes writing the last checkpoint
+        history["fit_time_s"] = saver.fit_clock.elapsed()
+        test_metrics = evaluate(state, test, config.eval_batch_size, dp, eval_fn)
+        tb.hparams(config.flat_dict(), {"test_accuracy": test_metrics["accuracy"], "test_loss": test_metrics["loss"]})
+    write_results(workdir, history, {**test_metrics, "examples": len(test["label"])}, say, lead)
     return state, history
+
+
+def describe_devices(dp: DataParallel, batch_size: int) -> str:
+    """A line on the data parallelism of a run over several devices; empty for one device."""
+    if dp.num_devices == 1:
+        return ""
+    return f"\nData parallel over {dp.num_devices} devices ({jax.process_count()} process(es)): {batch_size // dp.num_devices} examples per device per step"
 
 
 def write_results(workdir: Path, history: dict[str, Any], test: dict[str, float], say: Callable[..., None], lead: bool) -> None:
     """history.json and metrics.json (by the lead process), and the run's last lines."""
     if lead:
         (workdir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
-        metrics = {"test_loss": test["loss"], "test_accuracy": test["accuracy"]}
+        metrics = {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "test_examples": test["examples"]}
         (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     say(f"Fit Time : {history['fit_time_s']:.1f} s")
     say(f"Test Loss : {test['loss']:.4f}")
@@ -232,6 +255,6 @@ def write_results(workdir: Path, history: dict[str, Any], test: dict[str, float]
     say(f"Workdir : {workdir}")
 
 
-def epoch_line(epoch: int, epochs: int, seconds: float, row: dict[str, float]) -> str:
+def epoch_line(epoch: int, epochs: int, row: dict[str, float]) -> str:
     metrics = " - ".join(f"{k}: {row[k]:.4f}" for k in ("loss", "accuracy", "val_loss", "val_accuracy"))
-    return f"Epoch {epoch}/{epochs} - {seconds:.1f}s - {metrics}"
+    return f"Epoch {epoch}/{epochs} - {row['epoch_time_s']:.1f}s - {metrics}"

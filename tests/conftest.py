@@ -51,3 +51,12 @@ def mnist_small(mnist_dirs):
     train = data.load_split("mnist", "train", num_examples=2000, **mnist_dirs)
     test = data.load_split("mnist", "test", **mnist_dirs)
     return train, test
+
+
+def tb_steps(logdir: Path) -> dict[str, list[int]]:
+    """{tag: steps} of the scalars in `logdir`, read back with TensorBoard's own reader (which applies purges)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}

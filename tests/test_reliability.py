@@ -34,7 +34,7 @@ import numpy as np
 import pytest
 
 from mnist_jax import Config, fit, restore_checkpoint
-from tests.conftest import REPO
+from tests.conftest import REPO, tb_steps
 
 # 960 images, batch 32: 30 steps an epoch, 60 in all. Checkpoints at the multiples of 7
 # inside an epoch and at each epoch end, so most of them are mid-epoch.
@@ -173,6 +173,7 @@ def assert_same_run(workdir: Path, reference: dict) -> None:
         assert history[key] == reference["history"][key], key
     assert json.loads((workdir / "metrics.json").read_text()) == reference["metrics"]
     assert not partial_saves(workdir), step_names(workdir)
+    assert tb_steps(workdir / "tb") == tb_steps(reference["workdir"] / "tb")  # TensorBoard's curves: no step twice, none missing
 
 
 def data_flags(dirs) -> list[str]:
