@@ -60,3 +60,34 @@ def tb_steps(logdir: Path) -> dict[str, list[int]]:
     events = EventAccumulator(str(logdir))
     events.Reload()
     return {tag: [e.step for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+@pytest.fixture
+def epochs_run(monkeypatch) -> list[dict]:
+    """A spy on the epochs `fit` runs (in this process): one record per epoch, in order, with
+    "epoch" (0-based), "first_step" (in the epoch: where a resumed epoch starts), "step" (the global
+    step it starts from), "feed" (the feed's class name: DeviceChunks, DeviceSteps, TfDataBatches)
+    and "calls" (the steps of each compiled call)."""
+    from mnist_jax import loop
+
+    records: list[dict] = []
+    real = loop.run_epoch
+
+    def run_epoch(feed, state, sums, *, first_step, num_steps, per_call, hooks=None):
+        record = {"epoch": getattr(hooks, "epoch", None), "first_step": first_step, "step": int(state.step),
+                  "feed": type(feed).__name__, "calls": []}  # fmt: skip
+        records.append(record)
+
+        def counted(state, sums, start, n):
+            record["calls"].append(n)
+            return feed(state, sums, start, n)
+
+        return real(counted, state, sums, first_step=first_step, num_steps=num_steps, per_call=per_call, hooks=hooks)
+
+    monkeypatch.setattr(loop, "run_epoch", run_epoch)
+    return records
+
+
+def epoch_starts(records: list[dict]) -> list[tuple[int, int, int]]:
+    """(epoch, first step in it, global step) of each epoch an `epochs_run` spy saw."""
+    return [(r["epoch"], r["first_step"], r["step"]) for r in records]
