@@ -135,3 +135,8 @@ def test_one_channel_conv_vmapped_over_models_has_each_models_gradients(models):
 
         hlo = jax.jit(jax.vmap(jax.grad(loss))).lower(params, x).compile().as_text()
         assert re.findall(r"convolution\(", hlo) == []
+        # Positive control: the plain vmapped XLA convolution (same parameters) is a grouped one, and the same
+        # search finds it in the same kind of program.
+        xla = Conv(6, 5, form="xla")
+        plain = lambda p, x: (xla.apply(p, x) ** 2).sum()  # noqa: E731
+        assert re.findall(r"convolution\(", jax.jit(jax.vmap(jax.grad(plain))).lower(params, x).compile().as_text())
