@@ -34,7 +34,8 @@ def test_jax_only_bench_runs_without_tensorflow_and_reports_training_time(tmp_pa
     for run in runs:
         # The steps alone: shorter than each whole epoch (which also validates on 10,000 images and checkpoints).
         assert len(run["train_time_s"]) == 2 and all(0 < t < e for t, e in zip(run["train_time_s"], run["epoch_time_s"]))
-        assert run["compile_time_s"] > 0 and 0.1 < run["test_accuracy"] <= 1.0
+        # 2 epochs on 320 images reach ~0.8 (chance is 0.1): a run that did not learn fails here.
+        assert run["compile_time_s"] > 0 and 0.6 < run["test_accuracy"] <= 1.0, run["test_accuracy"]
     assert report["jax_train_time_s"] == pytest.approx(statistics.median(sum(run["train_time_s"]) for run in runs))
 
 

@@ -187,7 +187,7 @@ def test_predict_cli_reports_each_file_and_fails_only_the_bad_ones(model, mnist_
     files = ["mnist.png", "corrupt.png", "one.jpg", "empty.jpg", "missing.png"]
     code = main(["predict", "--workdir", str(workdir), *(str(tmp_path / f) for f in files)])
     captured = capsys.readouterr()
-    assert code != 0
+    assert code == 1  # the promised exit code when some files could not be read
     lines = captured.out.splitlines()
     assert len(lines) == 2
     results = [LINE.match(line).groupdict() for line in lines]
@@ -203,10 +203,15 @@ def test_predict_cli_reports_each_file_and_fails_only_the_bad_ones(model, mnist_
         assert error.startswith("mnist_jax: error: ") and str(tmp_path / name) in error
 
 
-def test_predict_cli_all_good_exits_zero_and_bad_workdir_is_one_line(model, tmp_path, capsys):
+def test_predict_cli_all_good_exits_zero(model, tmp_path, capsys):
     workdir, _ = model
     draw_digit("0").save(tmp_path / "zero.png")
     assert main(["predict", "--workdir", str(workdir), str(tmp_path / "zero.png")]) == 0
     assert LINE.match(capsys.readouterr().out.strip()).group("digit") == "0"
+
+
+def test_predict_cli_bad_workdir_is_one_line_and_exit_2(tmp_path, capsys):
+    draw_digit("0").save(tmp_path / "zero.png")
     assert main(["predict", "--workdir", str(tmp_path / "nowhere"), str(tmp_path / "zero.png")]) == 2
-    assert capsys.readouterr().err.count("\n") == 1
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith("mnist_jax: error: "), captured.err
