@@ -40,6 +40,7 @@ WORKER = textwrap.dedent(
     json.dump({
         "loss4": h4["loss"], "loss1": h1["loss"], "val4": h4["val_accuracy"], "val1": h1["val_accuracy"],
         "max_param_diff": diff,
+        "trained_devices": [len(s4.params["dense1"]["kernel"].devices()), len(s1.params["dense1"]["kernel"].devices())],
         "restored_devices": [len(on_one.params["dense1"]["kernel"].devices()), len(on_four.params["dense1"]["kernel"].devices())],
         "pred_4_on_1": float(np.max(np.abs(np.asarray(predict(on_one, images)) - np.asarray(predict(s4, images))))),
         "pred_1_on_4": float(np.max(np.abs(np.asarray(predict(on_four, images)) - np.asarray(predict(s1, images))))),
@@ -60,6 +61,7 @@ def test_four_devices_train_like_one_and_checkpoints_move(tmp_path, mnist_dirs):
     assert r["loss4"] == pytest.approx(r["loss1"], rel=1e-4)
     assert r["val4"] == pytest.approx(r["val1"], abs=2e-4)  # at most 2 of 10,000 test images flip
     assert r["max_param_diff"] < 1e-4
+    assert r["trained_devices"] == [4, 1]  # the 4-device run really ran on 4
     assert r["restored_devices"] == [1, 4]
     assert r["pred_4_on_1"] == 0.0 and r["pred_1_on_4"] < 1e-6
 
