@@ -27,9 +27,10 @@ import numpy as np
 import optax
 
 from mnist_jax import Config, ModelConfig, load_split
-from mnist_jax.bench import cpu_model
+from mnist_jax.cli import add_config_flags
+from mnist_jax.config import DATASETS
 from mnist_jax.model import Conv, Flatten, Pool2x2
-from mnist_jax.train import enable_compilation_cache, reuse_freed_host_memory
+from mnist_jax.runtime import cpu_model, enable_compilation_cache, reuse_freed_host_memory
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MANUAL_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -62,16 +63,16 @@ def parse_args(doc: str, full: dict[str, Any], quick: dict[str, Any], *, dataset
     name = Path(sys.argv[0]).stem
     parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="small sizes for a 2-core CPU (results are labelled quick)")
-    parser.add_argument("--dataset", default=dataset, choices=("mnist", "fashion_mnist"))
+    add_config_flags(parser, ("dataset", "data_dir", "manual_dir", "arrays"), defaults=True)  # --dataset, --data-dir, --manual-dir, --arrays
+    parser.set_defaults(dataset=dataset)  # the experiment's data set, not Config's
     parser.add_argument("--seeds", default=None, help=f"N seeds (0..N-1) or a comma list (default {seeds}, quick {quick_seeds})")
     parser.add_argument("--out", default=None, help=f"output folder (default results/{name})")
-    parser.add_argument("--manual-dir", default=None, help="folder with the four .gz files when the data set is not prepared")
-    parser.add_argument("--data-dir", default=None, help="tensorflow-datasets data_dir")
-    parser.add_argument("--arrays", default=None, metavar="NPZ", help="read the data set from this .npz (`python -m mnist_jax export`): no TensorFlow")
     for key, value in full.items():
         parser.add_argument("--" + key.replace("_", "-"), default=None, metavar=type(value).__name__.upper(),
                             help=f"default {value}, quick {quick.get(key, value)}")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.dataset not in DATASETS:  # add_config_flags lists the choices; Config.validate would check them
+        parser.error(f"argument --dataset: invalid choice: {args.dataset!r} (choose from {', '.join(DATASETS)})")
     for key, value in full.items():
         given = getattr(args, key)
         chosen = quick.get(key, value) if args.quick else value
@@ -291,18 +292,12 @@ class Recipe:
         return optax.inject_hyperparams(make)(learning_rate=self.peak_learning_rate)
 
     def step_fn(self):
-        """A train step like `mnist_jax.train._train_step`, plus augmentation and label smoothing."""
+        """A train step like `mnist_jax.steps.train_step`, plus augmentation and label smoothing."""
         return recipe_step_fn(self.label_smoothing, self.max_shift, self.max_degrees, self.max_scale)
 
 
-_STEP_FNS: dict[tuple, Any] = {}  # one function object per setting, so its compiled step is cached
-
-
 def recipe_step_fn(label_smoothing: float, max_shift: float = 0.0, max_degrees: float = 0.0, max_scale: float = 0.0):
-    """Train step with label smoothing and (when any is non-zero) random affine augmentation; one object per setting."""
-    key = (label_smoothing, max_shift, max_degrees, max_scale)
-    if key in _STEP_FNS:
-        return _STEP_FNS[key]
+    """Train step with label smoothing and (when any is non-zero) random affine augmentation."""
 
     def step(state, batch, rng):
         aug_key, dropout_key = jax.random.split(rng)
@@ -319,7 +314,6 @@ def recipe_step_fn(label_smoothing: float, max_shift: float = 0.0, max_degrees: 
         accuracy = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
         return state.apply_gradients(grads=grads), {"loss": loss, "accuracy": accuracy}
 
-    _STEP_FNS[key] = step
     return step
 
 

@@ -5,31 +5,37 @@ import dataclasses
 from common import Recipe, Run, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, run_group, seed_configs
 from mnist_jax import Config
 
-args = parse_args(__doc__, full=dict(train_examples=60000, seed_epochs=5, improved_epochs=Recipe.epochs, width=Recipe.width,
-                                     dense_features=Recipe.dense_features),
-                  quick=dict(train_examples=5000, seed_epochs=2, improved_epochs=3, width=16, dense_features=128),
-                  dataset="fashion_mnist", seeds="3", quick_seeds="2")  # fmt: skip
-run = Run(args)
-train, test = load(args, args.train_examples)
-seed = run_group("seed recipe", seed_configs(Config(dataset=args.dataset, epochs=args.seed_epochs), args.seeds), train, test)
-recipe = dataclasses.replace(Recipe(), epochs=args.improved_epochs, width=args.width, dense_features=args.dense_features)
-print("-- improved recipe", flush=True)
-states, histories = fit_recipe(recipe, args.seeds, train, None, args.dataset)
-improved = {**ensemble_summary(states, test), "label": "improved recipe", "recipe": dataclasses.asdict(recipe), "histories": histories,
-            "epoch_time_s_per_model": sum(histories[0]["epoch_time_s"]) / len(histories[0]["epoch_time_s"]) / len(args.seeds)}  # fmt: skip
-rows = []
-for r, epochs in ((seed, args.seed_epochs), (improved, args.improved_epochs)):
-    rows.append([r["label"], epochs, mean_std(r["accuracy"]), f"{100 * r['ensemble_accuracy']:.2f}", r["ensemble_wrong"],
-                 f"{r['epoch_time_s_per_model']:.1f}"])  # fmt: skip
-table = markdown_table(["recipe", "epochs", "test accuracy % (per model)", f"ensemble of {len(args.seeds)} %", "ensemble wrong", "s/epoch"], rows)
-fig, (ax,) = figure()
-labels = [r["label"] for r in (seed, improved)]
-for i, r in enumerate((seed, improved)):
-    ax.scatter([i] * len(r["accuracy"]), [100 * a for a in r["accuracy"]], color=f"C{i}", label="single models" if i == 0 else None)
-    ax.scatter([i], [100 * r["ensemble_accuracy"]], marker="*", s=200, color="k", label="ensemble" if i == 0 else None)
-ax.set_xticks([0, 1], labels)
-ax.set_xlim(-0.5, 1.5)
-ax.set_ylabel("test accuracy (%)")
-ax.legend()
-fig.suptitle(f"Fashion-MNIST: seed vs improved recipe ({'quick' if args.quick else 'full'} size)")
-run.finish({"runs": [seed, improved]}, table, fig)
+
+def main() -> None:
+    args = parse_args(__doc__, full=dict(train_examples=60000, seed_epochs=5, improved_epochs=Recipe.epochs, width=Recipe.width,
+                                         dense_features=Recipe.dense_features),
+                      quick=dict(train_examples=5000, seed_epochs=2, improved_epochs=3, width=16, dense_features=128),
+                      dataset="fashion_mnist", seeds="3", quick_seeds="2")  # fmt: skip
+    run = Run(args)
+    train, test = load(args, args.train_examples)
+    seed = run_group("seed recipe", seed_configs(Config(dataset=args.dataset, epochs=args.seed_epochs), args.seeds), train, test)
+    recipe = dataclasses.replace(Recipe(), epochs=args.improved_epochs, width=args.width, dense_features=args.dense_features)
+    print("-- improved recipe", flush=True)
+    states, histories = fit_recipe(recipe, args.seeds, train, None, args.dataset)
+    improved = {**ensemble_summary(states, test), "label": "improved recipe", "recipe": dataclasses.asdict(recipe), "histories": histories,
+                "epoch_time_s_per_model": sum(histories[0]["epoch_time_s"]) / len(histories[0]["epoch_time_s"]) / len(args.seeds)}  # fmt: skip
+    rows = []
+    for r, epochs in ((seed, args.seed_epochs), (improved, args.improved_epochs)):
+        rows.append([r["label"], epochs, mean_std(r["accuracy"]), f"{100 * r['ensemble_accuracy']:.2f}", r["ensemble_wrong"],
+                     f"{r['epoch_time_s_per_model']:.1f}"])  # fmt: skip
+    table = markdown_table(["recipe", "epochs", "test accuracy % (per model)", f"ensemble of {len(args.seeds)} %", "ensemble wrong", "s/epoch"], rows)
+    fig, (ax,) = figure()
+    labels = [r["label"] for r in (seed, improved)]
+    for i, r in enumerate((seed, improved)):
+        ax.scatter([i] * len(r["accuracy"]), [100 * a for a in r["accuracy"]], color=f"C{i}", label="single models" if i == 0 else None)
+        ax.scatter([i], [100 * r["ensemble_accuracy"]], marker="*", s=200, color="k", label="ensemble" if i == 0 else None)
+    ax.set_xticks([0, 1], labels)
+    ax.set_xlim(-0.5, 1.5)
+    ax.set_ylabel("test accuracy (%)")
+    ax.legend()
+    fig.suptitle(f"Fashion-MNIST: seed vs improved recipe ({'quick' if args.quick else 'full'} size)")
+    run.finish({"runs": [seed, improved]}, table, fig)
+
+
+if __name__ == "__main__":
+    main()

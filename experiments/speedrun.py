@@ -44,48 +44,57 @@ class SpeedrunCNN(nn.Module):
         return nn.Dense(10, dtype=self.dtype)(x).astype(jnp.float32)
 
 
-args = parse_args(__doc__, full=dict(epochs=4, batch_size=128, peak_learning_rate=3e-3, width=32, hidden=128, dtype="auto", label_smoothing=0.1,
-                       conv_form="matmul"),
-                  quick=dict(epochs=2), seeds="5", quick_seeds="1")  # fmt: skip
-if args.dtype == "auto":  # resolved before the results record the sizes
-    args.dtype = args.sizes["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-run = Run(args)
-train, test = load(args)
-steps = len(train["label"]) // args.batch_size
-optimizer = optax.adam(optax.cosine_onecycle_schedule(args.epochs * steps, args.peak_learning_rate, pct_start=0.25), eps=1e-7)
-model = SpeedrunCNN(args.width, args.hidden, args.dtype, args.conv_form)
-results, rows = [], []
-for seed in args.seeds:
-    config = Config(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, seed=seed, eval_batch_size=2000)
-    _, (history,) = fit_many([config], train, test, model=model, optimizer=optimizer, step_fn=recipe_step_fn(args.label_smoothing), verbose=True)
-    elapsed = [sum(history["epoch_time_s"][: i + 1]) for i in range(args.epochs)]
-    reached = {t: next((elapsed[i] for i, a in enumerate(history["val_accuracy"]) if a >= t), None) for t in TARGETS}
-    results.append({"seed": seed, "time_to": reached, "final_accuracy": history["val_accuracy"][-1], "history": history})
-    rows.append([seed, *(f"{reached[t]:.2f}" if reached[t] is not None else "not reached" for t in TARGETS),
-                 f"{100 * history['val_accuracy'][-1]:.2f}", f"{elapsed[-1]:.2f}", f"{history['compile_time_s']:.1f}"])  # fmt: skip
+def main() -> None:
+    args = parse_args(__doc__, full=dict(epochs=4, batch_size=128, peak_learning_rate=3e-3, width=32, hidden=128, dtype="auto", label_smoothing=0.1,
+                           conv_form="matmul"),
+                      quick=dict(epochs=2), seeds="5", quick_seeds="1")  # fmt: skip
+    if args.dtype == "auto":  # resolved before the results record the sizes
+        args.dtype = args.sizes["dtype"] = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    run = Run(args)
+    train, test = load(args)
+    steps = len(train["label"]) // args.batch_size
+    optimizer = optax.adam(optax.cosine_onecycle_schedule(args.epochs * steps, args.peak_learning_rate, pct_start=0.25), eps=1e-7)
+    model = SpeedrunCNN(args.width, args.hidden, args.dtype, args.conv_form)
+    results, rows = [], []
+    for seed in args.seeds:
+        config = Config(dataset=args.dataset, epochs=args.epochs, batch_size=args.batch_size, seed=seed, eval_batch_size=2000)
+        _, (history,) = fit_many([config], train, test, model=model, optimizer=optimizer, step_fn=recipe_step_fn(args.label_smoothing), verbose=True)
+        elapsed = [sum(history["epoch_time_s"][: i + 1]) for i in range(args.epochs)]
+        reached = {t: next((elapsed[i] for i, a in enumerate(history["val_accuracy"]) if a >= t), None) for t in TARGETS}
+        results.append({"seed": seed, "time_to": reached, "final_accuracy": history["val_accuracy"][-1], "history": history})
+        rows.append([seed, *(f"{reached[t]:.2f}" if reached[t] is not None else "not reached" for t in TARGETS),
+                     f"{100 * history['val_accuracy'][-1]:.2f}", f"{elapsed[-1]:.2f}", f"{history['compile_time_s']:.1f}"])  # fmt: skip
+    finals = [100 * r["final_accuracy"] for r in results]
+    rows.append(["**mean**", *(f"**{summary(results, t)}**" for t in TARGETS), f"**{statistics.mean(finals):.2f}**", "", ""])
+    device = jax.devices()[0].device_kind
+    table = markdown_table(["seed", "s to 99 %", "s to 99.25 %", f"test acc % after {args.epochs} epochs", "train s", "compile s"], rows)
+    table += f"\n\nDevice: {device} ({jax.default_backend()}); {steps} steps of {args.batch_size} per epoch; training time only (evaluation and compilation excluded)."
+    run.finish({"device": device, "targets": TARGETS, "runs": results}, table, plot(args, results, device))
 
 
-def summary(t):
+def summary(results, t):
+    """Mean (± std) seconds to reach target `t` over the seeds, or how many seeds reached it."""
     times = [r["time_to"][t] for r in results]
     if any(x is None for x in times):
         return f"reached by {sum(x is not None for x in times)} of {len(times)}"
     return f"{statistics.mean(times):.2f}" + (f" ± {statistics.stdev(times):.2f}" if len(times) > 1 else "")
 
 
-finals = [100 * r["final_accuracy"] for r in results]
-rows.append(["**mean**", *(f"**{summary(t)}**" for t in TARGETS), f"**{statistics.mean(finals):.2f}**", "", ""])
-device = jax.devices()[0].device_kind
-table = markdown_table(["seed", "s to 99 %", "s to 99.25 %", f"test acc % after {args.epochs} epochs", "train s", "compile s"], rows)
-table += f"\n\nDevice: {device} ({jax.default_backend()}); {steps} steps of {args.batch_size} per epoch; training time only (evaluation and compilation excluded)."
-fig, (ax,) = figure()
-for r in results:
-    h = r["history"]
-    ax.plot([sum(h["epoch_time_s"][: i + 1]) for i in range(args.epochs)], [100 * a for a in h["val_accuracy"]], "o-", label=f"seed {r['seed']}")
-for t in TARGETS:
-    ax.axhline(100 * t, color="grey", linestyle=":")
-ax.set_xlabel(f"training seconds on {device}")
-ax.set_ylabel("test accuracy (%)")
-ax.grid(alpha=0.4)
-ax.legend(fontsize=8)
-fig.suptitle(f"Speedrun: test accuracy against training time ({'quick' if args.quick else 'full'} size)")
-run.finish({"device": device, "targets": TARGETS, "runs": results}, table, fig)
+def plot(args, results, device):
+    """Each seed's test accuracy against its training time, with the targets."""
+    fig, (ax,) = figure()
+    for r in results:
+        h = r["history"]
+        ax.plot([sum(h["epoch_time_s"][: i + 1]) for i in range(args.epochs)], [100 * a for a in h["val_accuracy"]], "o-", label=f"seed {r['seed']}")
+    for t in TARGETS:
+        ax.axhline(100 * t, color="grey", linestyle=":")
+    ax.set_xlabel(f"training seconds on {device}")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.4)
+    ax.legend(fontsize=8)
+    fig.suptitle(f"Speedrun: test accuracy against training time ({'quick' if args.quick else 'full'} size)")
+    return fig
+
+
+if __name__ == "__main__":
+    main()
