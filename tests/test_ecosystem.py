@@ -56,6 +56,9 @@ def test_profile_steps_writes_a_trace(tmp_path, mnist_dirs):
     fit(Config(epochs=1, train_examples=320, steps_per_call=1, profile_steps="3:5", workdir=str(tmp_path / "run"), **mnist_dirs), verbose=False)
     traces = list((tmp_path / "run" / "profile").rglob("*.xplane.pb"))
     assert traces and all(t.stat().st_size > 0 for t in traces), traces
+
+
+def test_bad_profile_steps_are_one_line_errors():
     one_line_error(run_cli("train", "--profile-steps", "5:3"), "--profile-steps A:B needs 1 <= A <= B")
     one_line_error(run_cli("train", "--profile-steps", "x"), "--profile-steps must be A:B")
 
