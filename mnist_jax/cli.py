@@ -8,7 +8,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from mnist_jax.config import Config, ModelConfig, UserError, field_type
+from mnist_jax.config import Config, HostError, ModelConfig, UserError, field_type
 
 
 class _Parser(argparse.ArgumentParser):
@@ -266,6 +266,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"mnist_jax: error: {err}", file=sys.stderr)
         return NON_FINITE_EXIT_CODE if isinstance(err, NonFiniteLoss) else 2
+    except HostError as err:
+        if args.debug:
+            raise
+        print(f"mnist_jax: error: {err}", file=sys.stderr)
+        return 1
     except Preempted as stop:
         print(f"mnist_jax: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE

@@ -21,7 +21,12 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 
 
 class UserError(Exception):
-    """Bad input from the user: reported as one line and a non-zero exit, no traceback."""
+    """Bad input from the user: reported as one line and exit 2, no traceback."""
+
+
+class HostError(Exception):
+    """The machine failed the run (disk full, unwritable folder, unreachable coordinator): one line and exit 1,
+    no traceback; what was written before (the last good checkpoint) is kept and named in the message."""
 
 
 # Evaluation batch: the fastest of those measured on XLA:CPU (docs/performance.md); accelerators hardly care.

@@ -116,16 +116,16 @@ class EpochWatch:
         step = self.epoch * self.steps_per_epoch + done
         self.trace.after_call(state, step)
         inside = done < self.steps_per_epoch  # at the epoch's end, fit validates and checkpoints it as usual
-        if inside and (self.stop.requested or loop.checkpoint_due(self.every, step, n)):
-            self.saver.save(state, Position(self.epoch, done, epoch_time_s=self.epoch_clock.elapsed()), sums)
-        if inside and self.stop.requested:
-            raise self.saver.stopped(state, self.stop)
         if done // PROGRESS_EVERY > (done - n) // PROGRESS_EVERY or not inside:  # a host sync: not every step
             self.saver.raise_if_nonfinite(sums)
             running = {k: float(sums[k]) / done for k in ("loss", "accuracy")}
             self.bar.set_postfix({k: f"{v:.4f}" for k, v in running.items()}, refresh=False)
             self.bar.update(done - self.bar.n)
-            self.saver.tb.train(step, **running)
+            self.saver.tb.train(step, **running)  # before a checkpoint: a run resumed from it continues after this step
+        if inside and (self.stop.requested or loop.checkpoint_due(self.every, step, n)):
+            self.saver.save(state, Position(self.epoch, done, epoch_time_s=self.epoch_clock.elapsed()), sums)
+        if inside and self.stop.requested:
+            raise self.saver.stopped(state, self.stop)
 
 
 def make_feed(config: Config, dp: DataParallel, train: dict[str, np.ndarray], keys: StepKeys, per_call: int) -> loop.Feed:
