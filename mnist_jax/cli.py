@@ -38,17 +38,17 @@ def add_config_flags(parser: argparse.ArgumentParser, names: Sequence[str] | Non
     for field in config_fields():
         if names is not None and field.name not in names:
             continue
-        default = field.default
+        default = "%(default)s" if defaults else field.default  # argparse's: a caller's set_defaults shows in --help
         kind = field_type(field)
         choices = field.metadata.get("choices")
         shown = f"one of {', '.join(choices)}; " if choices else ""
         if kind is bool:  # --name / --no-name
             parser.add_argument(flag_name(field.name), dest=field.name, action=argparse.BooleanOptionalAction,
-                                default=default if defaults else argparse.SUPPRESS, help=f"{field.metadata['help']} (default: {default})")  # fmt: skip
+                                default=field.default if defaults else argparse.SUPPRESS, help=f"{field.metadata['help']} (default: {default})")  # fmt: skip
             continue
         parser.add_argument(
             flag_name(field.name), dest=field.name, type=kind, metavar={int: "N", float: "X"}.get(kind),
-            default=default if defaults else argparse.SUPPRESS, help=f"{field.metadata['help']}" + (f" ({shown}default: {default})" if default is not None else f" ({shown[:-2]})" if shown else ""),
+            default=field.default if defaults else argparse.SUPPRESS, help=f"{field.metadata['help']}" + (f" ({shown}default: {default})" if field.default is not None else f" ({shown[:-2]})" if shown else ""),
         )  # fmt: skip
 
 
