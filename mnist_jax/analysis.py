@@ -16,6 +16,8 @@ global figure registry are involved. `write_analysis` produces the whole
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import io
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -30,17 +32,31 @@ from matplotlib.ticker import MaxNLocator
 
 from mnist_jax import checkpoint, loop, steps
 from mnist_jax.config import EVAL_BATCH_SIZE, UserError
+from mnist_jax.files import atomic_write
 
 # Layers whose outputs `feature_maps` returns, in call order.
 FEATURE_LAYERS = ("conv1", "pool1", "conv2", "pool2")
 GRID = 16  # wrong predictions drawn, as the tutorial does (4 x 4)
 DPI = 100
+# What `write_analysis` writes; MANIFEST records each file's sha256, so that a later analyze knows its own files.
+OUTPUT_FILES = (
+    "curves.png", "predictions.npz", "wrong.json", "wrong_grid.png",
+    "confusion.png", "filters.png", "feature_maps.png", "report.md",
+)  # fmt: skip
+MANIFEST = "manifest.json"
+WRITER = "mnist_jax analyze"
 
 
 def _save(fig: Figure, path: str | Path | None) -> Figure:
-    if path is not None:
-        fig.savefig(path, dpi=DPI)
+    if path is not None:  # whole or not at all; the format from the suffix (none: PNG)
+        atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=DPI, format=Path(path).suffix[1:].lower() or "png"))
     return fig
+
+
+def _png(fig: Figure) -> bytes:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=DPI, format="png")
+    return buffer.getvalue()
 
 
 def _name(class_names: Sequence[str] | None, index: int) -> str:
@@ -432,6 +448,67 @@ def report_markdown(summary: Mapping[str, Any], class_names: Sequence[str] | Non
     return "\n".join(lines)
 
 
+def check_flags(*, seed: int, feature_index: int, num_examples: int | None = None) -> None:
+    """UserError naming the flag if `seed` (--seed, >= 0) or `feature_index` (--index, in [0, num_examples);
+    only >= 0 while the split's size is unknown) cannot be used."""
+    if seed < 0:
+        raise UserError(f"--seed must be >= 0, got {seed}")
+    if feature_index < 0 or (num_examples is not None and feature_index >= num_examples):
+        upper = "" if num_examples is None else f", {num_examples})"
+        raise UserError(f"--index must be in [0{upper or ', ...)'}, got {feature_index}")
+
+
+def _sha256(path: Path) -> str:
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _manifest(outdir: Path) -> dict[str, list[str]] | None:
+    """{file: sha256s analyze wrote under that name} from outdir's manifest; None if there is none of analyze's."""
+    path = outdir / MANIFEST
+    if path.is_symlink() or not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(record, dict) or record.get("written_by") != WRITER or not isinstance(record.get("sha256"), dict):
+        return None
+    return record["sha256"]
+
+
+def check_outdir(outdir: str | Path, *, force: bool = False) -> None:
+    """Refuse, with a UserError, an analysis folder that `write_analysis` must not write into.
+
+    Always refused: a symbolic link (the outputs would land wherever it points) and a path that is not a
+    folder. Refused unless `force`: a folder holding, under one of analyze's names (OUTPUT_FILES and
+    MANIFEST), a file analyze did not write or that changed since it did (its MANIFEST has every file's
+    sha256). Any other file in the folder is left alone, force or not.
+    """
+    outdir = Path(outdir)
+    if outdir.is_symlink():
+        raise UserError(f"{outdir} is a symbolic link; analyze writes only into a real folder (remove the link)")
+    if outdir.exists() and not outdir.is_dir():
+        raise UserError(f"{outdir} is not a folder")
+    if force or not outdir.exists():
+        return
+    own = _manifest(outdir)
+    foreign = []
+    for name in (*OUTPUT_FILES, MANIFEST):
+        path = outdir / name
+        if not (path.exists() or path.is_symlink()):
+            continue
+        if name == MANIFEST:
+            mine = own is not None
+        else:
+            mine = path.is_file() and not path.is_symlink() and _sha256(path) in (own or {}).get(name, ())
+        if not mine:
+            foreign.append(name)
+    if foreign:
+        raise UserError(f"{outdir} holds {', '.join(foreign)} that analyze did not write or that changed since; "
+                        "add --force to overwrite them")  # fmt: skip
+
+
 def write_analysis(
     state: Any,
     test: Mapping[str, np.ndarray],
@@ -443,18 +520,20 @@ def write_analysis(
     feature_index: int = 0,
     batch_size: int = EVAL_BATCH_SIZE,
     title: str | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Write curves.png, predictions.npz, wrong.json, wrong_grid.png, confusion.png, filters.png,
-    feature_maps.png and report.md into `outdir`; return the summary the report is made from.
+    feature_maps.png, report.md and manifest.json into `outdir`; return the summary the report is made from.
+
+    Nothing is written until every flag is checked (`check_flags`), the folder is accepted
+    (`check_outdir`: no link, nothing foreign overwritten without `force`) and every output is made in
+    memory. Each file is then replaced whole (`files.atomic_write`): a failure (a full disk: HostError)
+    leaves every file either as it was or as new, and no temporary file.
     """
     images, labels = np.asarray(test["image"]), np.asarray(test["label"])
-    if not 0 <= feature_index < len(labels):
-        raise UserError(f"--index must be in [0, {len(labels)}), got {feature_index}")
+    check_flags(seed=seed, feature_index=feature_index, num_examples=len(labels))
     outdir = Path(outdir)
-    try:
-        outdir.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise UserError(f"cannot create {outdir}: {err.strerror}") from None
+    check_outdir(outdir, force=force)
 
     probabilities = predict_probabilities(state, images, batch_size)
     predicted = probabilities.argmax(axis=-1).astype(np.int32)
@@ -463,23 +542,23 @@ def write_analysis(
     confusion = confusion_matrix(labels, predicted, num_classes)
     accuracy = per_class_accuracy(confusion)
 
-    np.savez_compressed(
-        outdir / "predictions.npz", predicted=predicted, labels=labels, probabilities=probabilities, confusion=confusion
-    )
-    (outdir / "wrong.json").write_text(json.dumps(wrong.to_dict(), indent=1) + "\n")
-    plot_curves(history, path=outdir / "curves.png")
-    plot_wrong(images, wrong, seed=seed, class_names=class_names, path=outdir / "wrong_grid.png")
-    plot_confusion(confusion, class_names=class_names, path=outdir / "confusion.png")
-    plot_filters(state.params["conv1"]["kernel"], path=outdir / "filters.png")
+    outputs: dict[str, bytes] = {}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, predicted=predicted, labels=labels, probabilities=probabilities, confusion=confusion)
+    outputs["predictions.npz"] = buffer.getvalue()
+    outputs["wrong.json"] = (json.dumps(wrong.to_dict(), indent=1) + "\n").encode()
+    outputs["curves.png"] = _png(plot_curves(history))
+    outputs["wrong_grid.png"] = _png(plot_wrong(images, wrong, seed=seed, class_names=class_names))
+    outputs["confusion.png"] = _png(plot_confusion(confusion, class_names=class_names))
+    outputs["filters.png"] = _png(plot_filters(state.params["conv1"]["kernel"]))
     digit = images[feature_index]
     label, guess = int(labels[feature_index]), int(predicted[feature_index])
-    plot_feature_maps(
+    outputs["feature_maps.png"] = _png(plot_feature_maps(
         digit,
         feature_maps(state, digit),
         title=f"Feature maps of test image {feature_index}: "
         f"label {_name(class_names, label)}, predicted {_name(class_names, guess)}",
-        path=outdir / "feature_maps.png",
-    )
+    ))  # fmt: skip
     summary = {
         "title": title,
         "total": len(labels),
@@ -496,5 +575,25 @@ def write_analysis(
         "feature_label": label,
         "outdir": str(outdir),
     }
-    (outdir / "report.md").write_text(report_markdown(summary, class_names))
+    outputs["report.md"] = report_markdown(summary, class_names).encode()
+    assert set(outputs) == set(OUTPUT_FILES)
+
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"cannot create {outdir}: {err.strerror}") from None
+    check_outdir(outdir, force=True)  # still no link (it could have appeared meanwhile)
+    new = {name: hashlib.sha256(data).hexdigest() for name, data in outputs.items()}
+    # While the files are replaced one by one, the manifest accepts the old and the new content of
+    # each, so that an interrupted analyze does not make its own files look foreign to the next one.
+    during = {name: sorted({new[name], *([_sha256(outdir / name)] if (outdir / name).is_file() else [])}) for name in new}
+    _write_manifest(outdir, during)
+    for name, data in outputs.items():
+        atomic_write(outdir / name, lambda tmp, data=data: tmp.write_bytes(data))
+    _write_manifest(outdir, {name: [digest] for name, digest in new.items()})
     return summary
+
+
+def _write_manifest(outdir: Path, digests: Mapping[str, list[str]]) -> None:
+    record = {"written_by": WRITER, "sha256": dict(digests)}
+    atomic_write(outdir / MANIFEST, lambda tmp: tmp.write_text(json.dumps(record, indent=1) + "\n"))

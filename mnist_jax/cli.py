@@ -127,6 +127,9 @@ def _evaluate(args: argparse.Namespace) -> int:
 def _export(args: argparse.Namespace) -> int:
     from mnist_jax import data
 
+    out = Path(args.out)
+    if (out.exists() or out.is_symlink()) and not args.force:  # checked before the data is loaded
+        raise UserError(f"{out} exists; export does not overwrite a file without --force")
     path = data.export_arrays(args.out, args.dataset, data_dir=args.data_dir, manual_dir=args.manual_dir)
     print(f"Wrote {path} ({path.stat().st_size / 2**20:.1f} MiB): {args.dataset} train and test; train with --arrays {path}")
     return 0
@@ -142,15 +145,20 @@ def _summary(args: argparse.Namespace) -> int:
 def _analyze(args: argparse.Namespace) -> int:
     from mnist_jax import analysis, checkpoint, data
 
+    # Every flag and the output folder are checked before anything is loaded; write_analysis checks
+    # again what needs the data (--index) before its first write.
+    analysis.check_flags(seed=args.seed, feature_index=args.index)
     workdir, config, state = checkpoint.restore_run(args.workdir)
+    outdir = workdir / "analysis"
+    analysis.check_outdir(outdir, force=args.force)
     history = analysis.load_history(workdir)
     test = _test_split(args, config)
     names = data.CLASS_NAMES[config.dataset]
     summary = analysis.write_analysis(
-        state, test, history, workdir / "analysis",
+        state, test, history, outdir,
         class_names=None if config.dataset == "mnist" else names,
         seed=args.seed, feature_index=args.index, batch_size=config.eval_batch_size,
-        title=f"{workdir} ({config.dataset}, step {int(state.step)})",
+        title=f"{workdir} ({config.dataset}, step {int(state.step)})", force=args.force,
     )  # fmt: skip
     print(f"Test Loss : {summary['test_loss']:.4f}")
     print(f"Test Accuracy : {summary['test_accuracy']:.4f}")
@@ -194,13 +202,19 @@ def _predict(args: argparse.Namespace) -> int:
 
 
 def _compare(args: argparse.Namespace) -> int:
-    from mnist_jax import compare
+    from matplotlib.figure import Figure
 
+    from mnist_jax import compare
+    from mnist_jax.files import atomic_write
+
+    out = Path(args.out)
+    image_format = out.suffix[1:].lower() or "png"
+    supported = Figure().canvas.get_supported_filetypes()
+    if image_format not in supported:  # before reading any run
+        raise UserError(f"--out {out}: cannot draw a .{image_format} file (use one of .{', .'.join(sorted(supported))})")
     runs = [compare.load_run(path) for path in args.runs]
-    try:
-        compare.plot(runs, args.out)
-    except OSError as err:
-        raise UserError(f"cannot write {args.out}: {err.strerror}") from None
+    figure = compare.plot(runs)
+    atomic_write(out, lambda tmp: figure.savefig(tmp, dpi=100, format=image_format))
     print(compare.table(runs))
     print(f"Curves : {args.out}")
     return 0
@@ -216,7 +230,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, DATA_FLAGS, defaults=True)
     p.set_defaults(run=_evaluate)
     p = sub.add_parser("export", help="write a data set's train and test splits to one .npz that `--arrays` reads without TensorFlow")
-    p.add_argument("--out", required=True, metavar="NPZ", help="the file to write")
+    p.add_argument("--out", required=True, metavar="NPZ", help="the file to write (an existing one only with --force)")
+    p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     add_config_flags(p, ("dataset", "data_dir", "manual_dir"), defaults=True)
     p.set_defaults(run=_export)
     p = sub.add_parser("summary", help="print the model's layer table and parameter count")
@@ -227,11 +242,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="runs/latest", help="run folder or checkpoint step folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed for sampling the 16 wrong predictions (default: %(default)s)")
     p.add_argument("--index", type=int, default=0, help="test image whose feature maps are drawn (default: %(default)s)")
+    p.add_argument("--force", action="store_true",
+                   help="overwrite files in WORKDIR/analysis that analyze did not write or that were changed since")  # fmt: skip
     add_config_flags(p, DATA_FLAGS, defaults=True)
     p.set_defaults(run=_analyze)
     p = sub.add_parser("compare", help="draw runs' curves on shared axes and print their config differences and final metrics")
     p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders (finished or not)")
-    p.add_argument("--out", default="compare.png", help="the plot to write (default: %(default)s)")
+    p.add_argument("--out", default="compare.png", help="the plot to write, replaced whole; its suffix picks the format (default: %(default)s)")
     p.set_defaults(run=_compare)
     p = sub.add_parser("predict", help="predict the digit in image files (PNG, JPEG, any size or colour)")
     p.add_argument("images", nargs="+", metavar="IMAGE", help="image files")

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -14,6 +17,7 @@ from PIL import Image
 from mnist_jax import Config, analysis, fit, predict
 from mnist_jax.cli import main
 from mnist_jax.data import CLASS_NAMES
+from tests.conftest import REPO
 
 TITLE = re.compile(r"^Label (.+), Predict (.+) \((\d+)%\)$")
 OUTPUTS = (
@@ -279,3 +283,85 @@ def test_analyze_cli_bad_workdir_is_one_line(tmp_path, capsys):
     assert main(["analyze", "--workdir", str(tmp_path / "nowhere")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "does not exist" in err
+
+
+# --- analyze's outputs (issue 23): checked before writing, atomic, never through a link or over what is not its own
+
+
+def analysed_copy(run, tmp_path):
+    """A copy of the trained run without its analysis/ folder."""
+    copy = tmp_path / "run"
+    shutil.copytree(run[0], copy, ignore=shutil.ignore_patterns("analysis"))
+    return copy
+
+
+def one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mnist_jax: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.parametrize(("flags", "message"), [(["--seed", "-1"], "--seed"), (["--index", "10000"], "--index")])
+def test_analyze_checks_its_flags_before_writing_anything(run, tmp_path, capsys, flags, message):
+    copy = analysed_copy(run, tmp_path)
+    assert main(["analyze", "--workdir", str(copy), *flags]) == 2
+    assert message in one_error_line(capsys)
+    assert not (copy / "analysis").exists()
+
+
+def test_analyze_does_not_write_through_a_symlinked_folder(run, tmp_path, capsys):
+    copy = analysed_copy(run, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (copy / "analysis").symlink_to(elsewhere)
+    assert main(["analyze", "--workdir", str(copy)]) == 2
+    assert "symbolic link" in one_error_line(capsys)
+    assert list(elsewhere.iterdir()) == []
+
+
+def test_analyze_overwrites_its_own_outputs_but_not_others_without_force(run, tmp_path, capsys):
+    copy = analysed_copy(run, tmp_path)
+    outdir = copy / "analysis"
+    outdir.mkdir()
+    (outdir / "report.md").write_text("my notes")  # not analyze's
+    (outdir / "notes.txt").write_text("mine too")  # a name analyze never writes
+    assert main(["analyze", "--workdir", str(copy)]) == 2
+    line = one_error_line(capsys)
+    assert "report.md" in line and "--force" in line
+    assert sorted(p.name for p in outdir.iterdir()) == ["notes.txt", "report.md"]
+    assert (outdir / "report.md").read_text() == "my notes"
+
+    assert main(["analyze", "--workdir", str(copy), "--force"]) == 0
+    assert all((outdir / name).is_file() for name in OUTPUTS) and (outdir / "notes.txt").read_text() == "mine too"
+    first = (outdir / "wrong_grid.png").read_bytes()
+    assert main(["analyze", "--workdir", str(copy), "--seed", "5"]) == 0  # its own outputs: no --force needed
+    assert (outdir / "wrong_grid.png").read_bytes() != first  # another sample of wrong predictions
+    assert not [p for p in outdir.iterdir() if ".tmp" in p.name]
+    capsys.readouterr()
+
+
+ANALYZE_WITH_A_FULL_DISK = """
+import resource, sys
+from mnist_jax.cli import main
+resource.setrlimit(resource.RLIMIT_FSIZE, (int(sys.argv[2]), resource.RLIM_INFINITY))  # files stop growing: a full disk
+sys.exit(main(["analyze", "--workdir", sys.argv[1], "--seed", "7"]))
+"""
+
+
+@pytest.mark.slow  # a whole process: make test-slow
+def test_analyze_with_a_full_disk_is_one_line_and_leaves_no_partial_file(run, tmp_path):
+    copy = analysed_copy(run, tmp_path)
+    assert main(["analyze", "--workdir", str(copy)]) == 0
+    outdir = copy / "analysis"
+    before = {p.name: p.read_bytes() for p in outdir.iterdir()}
+    limit = os.path.getsize(outdir / "predictions.npz") // 2  # no room for predictions.npz (10,000 x 10 probabilities)
+    result = subprocess.run([sys.executable, "-c", ANALYZE_WITH_A_FULL_DISK, str(copy), str(limit)],
+                            cwd=REPO, capture_output=True, text=True, timeout=300)  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1 and "disk full" in lines[0], result.stderr[-3000:]
+    after = {p.name: p.read_bytes() for p in outdir.iterdir()}
+    assert set(after) == set(before)  # no temp file left
+    with np.load(outdir / "predictions.npz") as saved:  # whole, as before
+        assert saved["predicted"].shape == (10000,)
+    assert after["predictions.npz"] == before["predictions.npz"]
