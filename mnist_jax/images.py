@@ -13,6 +13,7 @@ centres its bounding box (`box=28, center="box"`).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,9 @@ SIZE = 28
 DIGIT_BOX = 20
 # Where MNIST test digits have their centre of mass, in pixel-index coordinates.
 MNIST_CENTER = (14.0, 14.0)
+# The most pixels `load_image` decodes (a 48-megapixel photo fits): the size is read from the file's
+# header first, so a small file that claims a huge image is refused before any memory goes to it.
+MAX_PIXELS = 64 * 2**20
 # ITU-R 601 luma, what Pillow's convert("L") uses.
 LUMA = np.array([0.299, 0.587, 0.114], np.float32)
 
@@ -37,13 +41,20 @@ def load_image(path: str | Path) -> np.ndarray:
     """Read an image file (PNG, JPEG, anything Pillow reads) as grayscale float32[H, W] in [0, 1].
 
     Transparent pixels are composited over white, as an image viewer shows them.
-    Raises ImageError naming the file for a missing, empty, corrupt or non-image file.
+    Raises ImageError naming the file for a missing, empty, corrupt or non-image file, and for one of
+    more than MAX_PIXELS pixels (found from its header, before decoding).
     """
     path = Path(path)
     try:
         if path.is_file() and path.stat().st_size == 0:
             raise ImageError(f"{path}: empty file")
-        with Image.open(path) as image:
+        with warnings.catch_warnings():  # Pillow's own bomb warning: the lower cap below names the size instead
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            opened = Image.open(path)
+        with opened as image:
+            width, height = image.size
+            if width * height > MAX_PIXELS:
+                raise ImageError(f"{path}: image too large ({width}x{height} pixels; at most {MAX_PIXELS} are read)")
             image.load()  # decode now: a truncated file fails here, not later
             image = ImageOps.exif_transpose(image)  # phone photos store their rotation in EXIF
             if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:

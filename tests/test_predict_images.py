@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import re
+import subprocess
+import sys
+import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -215,3 +220,76 @@ def test_predict_cli_bad_workdir_is_one_line_and_exit_2(tmp_path, capsys):
     assert main(["predict", "--workdir", str(tmp_path / "nowhere"), str(tmp_path / "zero.png")]) == 2
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith("mnist_jax: error: "), captured.err
+
+
+# --- fuzzed files: each bad one is its own line, the good ones are still predicted ---------------
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return len(payload).to_bytes(4, "big") + kind + payload + zlib.crc32(kind + payload).to_bytes(4, "big")
+
+
+def huge_png(width: int, height: int) -> bytes:
+    """A blank 1-bit grayscale PNG of width x height, written without holding its pixels: tens of KiB."""
+    header = width.to_bytes(4, "big") + height.to_bytes(4, "big") + bytes([1, 0, 0, 0, 0])
+    row, deflate = bytes(1 + (width + 7) // 8), zlib.compressobj(9)
+    pixels = b"".join(deflate.compress(row) for _ in range(height)) + deflate.flush()
+    return b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", pixels) + _png_chunk(b"IEND", b"")
+
+
+def malformed_images(folder: Path) -> list[Path]:
+    """Files a user may pass by mistake, or that a copy cut short: each must be reported in one line."""
+    good = io.BytesIO()
+    draw_digit("7").save(good, format="PNG")
+    png = good.getvalue()
+    jpeg = io.BytesIO()
+    draw_digit("7", mode="RGB").save(jpeg, format="JPEG")
+    idat = png.find(b"IDAT") + 20
+    files = {
+        "empty.png": b"",
+        "random.png": np.random.default_rng(1).bytes(3000),
+        "text.jpg": b"hello, not an image\n",
+        "signature-only.png": png[:8],
+        "flipped-pixels.png": png[:idat] + bytes(255 - b for b in png[idat : idat + 8]) + png[idat + 8 :],
+        "bad-header-crc.png": png[:29] + bytes(255 - b for b in png[29:33]) + png[33:],
+        "zero-width.png": png[:16] + bytes(4) + png[20:],
+        "huge.png": huge_png(13000, 13000),  # 169 million pixels in ~30 KiB
+        "wide.png": huge_png(200_000, 2),
+        "gif-junk.gif": b"GIF89a" + bytes(20),
+        "array.npy": b"\x93NUMPY" + bytes(100),
+        "blank.png": None,
+    }
+    for cut in (0.1, 0.5, 0.9):
+        files[f"cut-{cut}.png"] = png[: int(len(png) * cut)]
+        files[f"cut-{cut}.jpg"] = jpeg.getvalue()[: int(len(jpeg.getvalue()) * cut)]
+    paths = []
+    for name, content in files.items():
+        path = folder / name
+        if content is None:
+            Image.new("L", (40, 40), 255).save(path)
+        else:
+            path.write_bytes(content)
+        paths.append(path)
+    (folder / "a-folder.png").mkdir()
+    return [*paths, folder / "a-folder.png", folder / "missing.png"]
+
+
+def test_predict_reports_each_malformed_file_in_one_line(model, tmp_path):
+    """In a real process (so that any warning or traceback would show): exit 1, the good file predicted,
+    and one `mnist_jax: error: FILE: ...` line per bad file, in order."""
+    workdir, _ = model
+    bad = malformed_images(tmp_path)
+    draw_digit("1").save(tmp_path / "good.png")
+    args = [str(tmp_path / "good.png"), *map(str, bad)]
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_jax", "predict", "--workdir", str(workdir), *args],
+        capture_output=True, text=True, timeout=300, cwd=Path(__file__).resolve().parent.parent,
+    )  # fmt: skip
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert [LINE.match(line).group("path") for line in result.stdout.splitlines()] == [str(tmp_path / "good.png")]
+    errors = result.stderr.splitlines()
+    assert "Traceback" not in result.stderr and len(errors) == len(bad), result.stderr[-3000:]
+    for path, error in zip(bad, errors):
+        assert error.startswith(f"mnist_jax: error: {path}: "), (path, error)
+    too_large = errors[[p.name for p in bad].index("huge.png")]
+    assert "13000x13000" in too_large, too_large
