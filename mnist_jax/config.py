@@ -29,6 +29,10 @@ class HostError(Exception):
     no traceback; what was written before (the last good checkpoint) is kept and named in the message."""
 
 
+# Seeds jax.random.key takes as they are: it keeps a seed's low 32 bits, so 2**40 would train exactly as 0
+# does and -1 as 2**32 - 1. Config.validate refuses the others.
+SEED_MAX = 2**32 - 1
+
 # Evaluation batch: the fastest of those measured on XLA:CPU (docs/performance.md); accelerators hardly care.
 EVAL_BATCH_SIZE = 200
 
@@ -114,6 +118,10 @@ class Config:
             (self.dataset in DATASETS, f"unknown dataset {self.dataset!r} (choose from {', '.join(DATASETS)})"),
             (self.epochs >= 1, f"--epochs must be >= 1, got {self.epochs}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (
+                0 <= self.seed <= SEED_MAX,
+                f"--seed must be in 0..{SEED_MAX}, got {self.seed} (the PRNG keeps 32 bits: any other seed repeats one of these)",
+            ),
             (
                 math.isfinite(self.learning_rate) and self.learning_rate > 0,
                 f"--learning-rate must be a positive number, got {self.learning_rate}",

@@ -17,6 +17,9 @@ import gzip
 import hashlib
 import os
 import socket
+import tempfile
+import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from mnist_jax.config import DATASETS, UserError
+from mnist_jax.config import DATASETS, HostError, UserError
 
 MANUAL_DIR_ENV = "MNIST_JAX_MANUAL_DIR"
 FILES = (
@@ -40,6 +43,15 @@ CLASS_NAMES = {
         "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
     ),
 }  # fmt: skip
+
+# Sizes of the decompressed IDX files (the same for MNIST and Fashion-MNIST): a header of 16 bytes
+# (images) or 8 (labels), then one byte per pixel or label. No archive may decompress to more.
+CONTENT_SIZES = {
+    "train-images-idx3-ubyte.gz": 16 + 60000 * 28 * 28,
+    "train-labels-idx1-ubyte.gz": 8 + 60000,
+    "t10k-images-idx3-ubyte.gz": 16 + 10000 * 28 * 28,
+    "t10k-labels-idx1-ubyte.gz": 8 + 10000,
+}
 
 # SHA-256 of the *decompressed* IDX files. Debian's dataset-fashion-mnist
 # recompressed the original archives, so their .gz bytes miss tfds's registered
@@ -70,6 +82,36 @@ SPLIT_FINGERPRINTS = {
 }
 
 
+IMAGE_SHAPE = (28, 28, 1)  # one example, as tfds stores it (uint8)
+
+
+def check_split(
+    images: np.ndarray, labels: np.ndarray, dataset: str, where: str, *, names: tuple[str, str] = ("image", "label")
+) -> None:
+    """Raise UserError, one line starting with `where`, unless `images` are uint8 [N, 28, 28, 1] (so every
+    pixel is in 0..255) and `labels` are N integers in 0..classes-1 for `dataset`. `names` name the two
+    arrays in the message. Vectorised: one pass over the labels, none over the images."""
+    image_name, label_name = names
+    classes = len(CLASS_NAMES[dataset])
+    if images.dtype != np.uint8:
+        raise UserError(f"{where}: {image_name} must be uint8 (pixels 0..255, as `export` writes them), got {images.dtype}")
+    if images.ndim != 4 or images.shape[1:] != IMAGE_SHAPE:
+        raise UserError(f"{where}: {image_name} must have shape (N, 28, 28, 1), got {images.shape}")
+    if labels.ndim != 1:
+        raise UserError(f"{where}: {label_name} must be one label per image, shape (N,), got {labels.shape}")
+    if len(labels) != len(images):
+        raise UserError(f"{where}: {len(images)} images and {len(labels)} labels ({image_name}, {label_name})")
+    if not np.issubdtype(labels.dtype, np.integer):
+        raise UserError(f"{where}: {label_name} must hold integers, got {labels.dtype}")
+    outside = (labels < 0) | (labels >= classes)
+    if outside.any():
+        first = int(np.argmax(outside))
+        raise UserError(
+            f"{where}: {label_name} holds {labels[first]} (example {first}, {int(outside.sum())} such in all); "
+            f"{dataset}'s labels are 0..{classes - 1}"
+        )
+
+
 def check_fingerprint(images: np.ndarray, dataset: str, split: str, where: str) -> None:
     """Raise UserError unless uint8 `images` are the whole real `split` of `dataset`."""
     got = (len(images), int(images.sum(dtype=np.int64)))
@@ -96,8 +138,21 @@ def resolve_manual_dir(manual_dir: str | None) -> Path | None:
     return Path(chosen).expanduser() if chosen else None
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def _file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _gunzip_sha256(path: Path, limit: int) -> str:
+    """SHA-256 of a gzip file's content, decompressed a chunk at a time; UserError past `limit` bytes."""
+    digest, total = hashlib.sha256(), 0
+    with gzip.open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            total += len(chunk)
+            if total > limit:
+                raise UserError(f"{path} decompresses to more than {limit} bytes, the size of the data it should hold")
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def missing_data_message(dataset: str, manual_dir: Path | None) -> str:
@@ -116,7 +171,11 @@ def check_manual_files(
     Returns the (size, sha256) of files that miss the registered checksum but
     whose decompressed content is known to be the data set's (recompressed
     copies); tfds must accept those. Files that match need nothing. Raises
-    UserError for a missing, unreadable or unknown file.
+    UserError for a missing or unknown file, HostError for an unreadable one.
+
+    Memory stays bounded whatever the files hold: archives are hashed and decompressed a chunk at a
+    time, and one that decompresses to more than its known `CONTENT_SIZES` (a gzip bomb), or is
+    larger than any compression of that much data, is refused as soon as that shows.
     """
     content_sha256 = CONTENT_SHA256[dataset] if content_sha256 is None else content_sha256
     missing = [name for name in FILES if not (manual_dir / name).is_file()]
@@ -124,18 +183,36 @@ def check_manual_files(
         raise UserError(f"{manual_dir} lacks {', '.join(missing)} (a manual dir needs all four of {', '.join(FILES)})")
     recompressed = {}
     for name in FILES:
-        raw = (manual_dir / name).read_bytes()
-        actual = (len(raw), _sha256(raw))
-        if actual == registered[name]:
-            continue
+        path, limit = manual_dir / name, CONTENT_SIZES[name]
         try:
-            content = gzip.decompress(raw)
-        except (OSError, EOFError) as err:
-            raise UserError(f"{manual_dir / name} is not a valid gzip file ({err})") from None
-        if _sha256(content) != content_sha256[name]:
-            raise UserError(f"{manual_dir / name} has the wrong checksum and is not {dataset}'s {name}")
+            size = path.stat().st_size
+            if size == registered[name][0] and _file_sha256(path) == registered[name][1]:
+                continue
+            if size > limit + limit // 1000 + 1024:  # deflate's worst case (stored blocks) adds ~0.01 %
+                raise UserError(f"{path} is {size} bytes, more than any gzip of {dataset}'s {name}")
+            content = _gunzip_sha256(path, limit)
+            actual = (size, _file_sha256(path))
+        except (gzip.BadGzipFile, EOFError, zlib.error) as err:
+            raise UserError(f"{path} is not a valid gzip file ({err})") from None
+        except OSError as err:
+            raise HostError(f"cannot read {path}: {err.strerror or err}") from None
+        if content != content_sha256[name]:
+            raise UserError(f"{path} has the wrong checksum and is not {dataset}'s {name}")
         recompressed[name] = actual
     return recompressed
+
+
+def check_data_dir(root: Path) -> None:
+    """Make sure tfds can write under `root` (a data_dir), before it prepares anything there: UserError if
+    it is not a folder, HostError if the machine refuses (permissions, a read-only or full disk)."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except (FileExistsError, NotADirectoryError):
+        raise UserError(f"data dir {root} is not a folder (or lies under a file): pass a folder as --data-dir") from None
+    except OSError as err:
+        raise HostError(f"cannot write the data dir {root}: {err.strerror or err}") from None
 
 
 @contextlib.contextmanager
@@ -176,19 +253,25 @@ def prepare(dataset: str, *, data_dir: str | None = None, manual_dir: str | None
         return builder
     manual = resolve_manual_dir(manual_dir)
     registered = {info.filename: (info.size, info.checksum) for info in type(builder).url_infos.values()}
+    root = Path(builder.data_dir).parents[1]  # builder.data_dir is <root>/<dataset>/<version>
     if manual is not None:
         recompressed = check_manual_files(dataset, manual, registered)
+        check_data_dir(root)
         config = tfds.download.DownloadConfig(manual_dir=str(manual), try_download_gcs=False)
         # tfds extracts manual files to <download_dir>/extracted/GZIP.<file name>, and MNIST and
         # Fashion-MNIST share file names: a download dir per data set keeps one from reusing the other's.
-        download_dir = Path(builder.data_dir).parents[1] / "downloads" / f"manual-{dataset}"
+        download_dir = root / "downloads" / f"manual-{dataset}"
         with _accept_recompressed(type(builder), recompressed):
-            builder.download_and_prepare(download_dir=str(download_dir), download_config=config)
+            try:
+                builder.download_and_prepare(download_dir=str(download_dir), download_config=config)
+            except OSError as err:  # e.g. the disk filled up: tfds leaves only its incomplete.* folder
+                raise HostError(f"preparing {dataset} in {root} failed: {err.strerror or err}") from None
         return builder
     # Fail in seconds rather than hang on network probes when offline.
     host = next(iter(type(builder).url_infos)).split("/")[2]
     if not _can_reach(host):
         raise UserError(missing_data_message(dataset, None))
+    check_data_dir(root)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(try_download_gcs=False))
     return builder
 
@@ -205,10 +288,12 @@ def load_split(
     """A whole split as arrays: {"image": float32[N, 28, 28, 1] in [0, 1], "label": int32[N]}.
 
     `num_examples` keeps only the first N examples of the split. With `arrays` (an .npz written by
-    `export_arrays`), the split is read from that file and TensorFlow is never imported.
+    `export_arrays`), the split is read from that file and TensorFlow is never imported. Whichever the
+    source, what it gives is checked (`check_split`: shapes, dtypes, labels in range) before it is
+    returned, and a whole split against its fingerprint; UserError in one line otherwise.
     """
     if arrays is not None:
-        raw = _npz_split(arrays, dataset, split)
+        raw = _npz_split(Path(arrays), dataset, split)
         check_fingerprint(raw["image"], dataset, split, str(arrays))
         _check_available(num_examples, len(raw["label"]), dataset, split)
         raw = {k: v[:num_examples] for k, v in raw.items()}
@@ -234,6 +319,7 @@ def _tfds_split(
         _check_prepared(dataset, str(builder.data_dir))
     split_spec = split if num_examples is None else f"{split}[:{num_examples}]"
     arrays = tfds.as_numpy(builder.as_dataset(split=split_spec, batch_size=-1, shuffle_files=False))
+    check_split(arrays["image"], arrays["label"], dataset, f"tfds's {split_spec} split in {builder.data_dir}")
     if num_examples is None:
         check_fingerprint(arrays["image"], dataset, split, f"tfds's prepared {builder.data_dir}")
     return {"image": arrays["image"], "label": arrays["label"]}
@@ -247,14 +333,58 @@ def _check_prepared(dataset: str, builder_dir: str) -> None:
     check_fingerprint(test["image"], dataset, "test", f"tfds's prepared {builder_dir}")
 
 
-def _npz_split(path: str | os.PathLike, dataset: str, split: str) -> dict[str, np.ndarray]:
+ZIP_MAGIC, NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"
+
+
+def _npz_split(path: Path, dataset: str, split: str) -> dict[str, np.ndarray]:
+    """One split of an `export_arrays` .npz, checked before and after reading: its members' headers first
+    (so a member claiming another shape is never read), then `check_split`. UserError in one line."""
+    try:
+        with open(path, "rb") as f:
+            magic = f.read(len(NPY_MAGIC))
+    except OSError as err:
+        raise UserError(f"cannot read arrays file {path}: {err.strerror or err}") from None
+    export = "write it with `python -m mnist_jax export --out FILE.npz`"
+    if not magic:
+        raise UserError(f"arrays file {path} is empty (an interrupted copy?): {export}")
+    if magic.startswith(NPY_MAGIC):
+        raise UserError(f"arrays file {path} is one array (.npy), not the .npz of both splits: {export}")
+    if not magic.startswith(ZIP_MAGIC):
+        raise UserError(f"cannot read arrays file {path}: not an .npz (zip) file; {export}")
+    names = (f"{split}_image", f"{split}_label")
+    expected = SPLIT_FINGERPRINTS[dataset][split][0]
     try:
         with np.load(path) as npz:
+            missing = [name for name in ("dataset", *names) if name not in npz.files]
+            if missing:
+                raise UserError(f"arrays file {path} lacks {', '.join(missing)}: {export}")
             if str(npz["dataset"]) != dataset:
                 raise UserError(f"{path} holds {npz['dataset']}, not {dataset}")
-            return {"image": npz[f"{split}_image"], "label": npz[f"{split}_label"]}
-    except (OSError, KeyError, ValueError) as err:
-        raise UserError(f"cannot read arrays file {path}: {err}") from None
+            for name, shape in zip(names, ((expected, *IMAGE_SHAPE), (expected,))):
+                _check_member_header(npz.zip, name, shape, path)
+            raw = {"image": npz[names[0]], "label": npz[names[1]]}
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
+        # np.load finds a cut-off zip; the members' CRC-32 (or inflate) finds changed bytes.
+        damaged = isinstance(err, zlib.error) or "CRC" in str(err)
+        raise UserError(f"cannot read arrays file {path}{': it is damaged' if damaged else ''} ({err}); {export}") from None
+    check_split(raw["image"], raw["label"], dataset, str(path), names=names)
+    return raw
+
+
+def _check_member_header(archive: zipfile.ZipFile, name: str, shape: tuple[int, ...], path: Path) -> None:
+    """UserError unless the .npz member `name`'s .npy header promises `shape` (uint8 images, integer labels)."""
+    with archive.open(f"{name}.npy") as member:
+        version = np.lib.format.read_magic(member)
+        read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read_header is None:
+            raise UserError(f"{path}: {name} is written in .npy format {version}, not one `export` writes")
+        got, _, dtype = read_header(member)
+    is_image = len(shape) > 1
+    right_dtype = dtype == np.uint8 if is_image else np.issubdtype(dtype, np.integer)
+    if not right_dtype:
+        raise UserError(f"{path}: {name} must be {'uint8' if is_image else 'integer'} (as `export` writes it), got {dtype}")
+    if got != shape:
+        raise UserError(f"{path}: {name} must have shape {shape} (the whole split), got {got}")
 
 
 def export_arrays(

@@ -238,7 +238,7 @@ def fit_many(
     """
     configs = [configs] if isinstance(configs, Config) else list(configs)
     _check_compatible(configs)
-    config = configs[0].validate()
+    config = [c.validate() for c in configs][0]  # every model's seed and learning rate, not only the first's
     if config.train_examples is not None:
         train = {k: v[: config.train_examples] for k, v in train.items()}
     steps_per_epoch = loop.check_steps_per_epoch(len(train["label"]), config.batch_size)
