@@ -9,6 +9,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mnist_jax.config import Config, HostError, ModelConfig, UserError, field_type
+from mnist_jax.parallel import COORDINATOR_TIMEOUT_S
 
 
 class _Parser(argparse.ArgumentParser):
@@ -62,6 +63,9 @@ def _train_parser(sub) -> None:
     p.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process: address of process 0's coordinator, or 'auto' to detect the cluster (SLURM, TPU pod, ...)")
     p.add_argument("--num-processes", type=int, metavar="N", help="multi-process: how many processes in all")
     p.add_argument("--process-id", type=int, metavar="I", help="multi-process: this process's index, 0..N-1")
+    p.add_argument("--coordinator-timeout", type=int, metavar="S", default=COORDINATOR_TIMEOUT_S,
+                   help="multi-process: give up (one line, exit 1) if the run has not formed after S seconds "
+                        "(coordinator reachable, every process joined) (default: %(default)s)")  # fmt: skip
     add_config_flags(p)
     p.set_defaults(run=_train)
 
@@ -83,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
     from mnist_jax.runtime import stop_on_signals
     from mnist_jax.train import fit
 
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id)
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, args.coordinator_timeout)
     flags = _given_flags(args)
     if args.resume:
         if args.config:

@@ -9,30 +9,99 @@ and inserts the gradient all-reduce. Multi-host runs start with
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import os
+import sys
+import threading
 from typing import Any
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from mnist_jax.config import UserError
+from mnist_jax.config import HostError, UserError
 
 BATCH_AXIS = "batch"
+# How long a process of a multi-process run waits for the run to form (train --coordinator-timeout's default).
+COORDINATOR_TIMEOUT_S = 300
+# JAX's own initialization timeout is this much longer than ours, so that ours ends the wait first.
+JAX_TIMEOUT_MARGIN_S = 60
 
 
-def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None) -> None:
-    """Join a multi-process run: explicit flags, or whatever `jax.distributed.initialize()` detects (SLURM, TPU pods, ...)."""
+def check_distributed_flags(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                            timeout_s: int) -> None:
+    """UserError, naming the flag, unless the flags describe a process of a multi-process run (or none is set):
+    --coordinator HOST:PORT (a port 1..65535; an IPv6 host in brackets) or 'auto', 1 <= --num-processes,
+    0 <= --process-id < --num-processes, and a positive --coordinator-timeout."""
     if coordinator is None and num_processes is None and process_id is None:
         return
-    if coordinator == "auto":  # SLURM, Open MPI, TPU pods, ...: let JAX read the cluster's environment
-        jax.distributed.initialize()
+    if timeout_s < 1:
+        raise UserError(f"--coordinator-timeout must be >= 1 second, got {timeout_s}")
+    if coordinator == "auto":  # the cluster's environment says the rest; what is given must still make sense
+        if num_processes is not None and num_processes < 1:
+            raise UserError(f"--num-processes must be >= 1, got {num_processes}")
+        if process_id is not None and not 0 <= process_id < (num_processes or process_id + 1):
+            raise UserError(f"--process-id must be in [0, {num_processes}), got {process_id}")
         return
     if coordinator is None or num_processes is None or process_id is None:
         raise UserError("multi-process runs need all of --coordinator HOST:PORT, --num-processes N and --process-id I")
-    # CPU devices need a collectives implementation for the cross-process all-reduce (accelerators ignore this).
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator, num_processes=num_processes, process_id=process_id)
+    host, _, port = coordinator.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]") and len(host) > 2
+    if not host or (":" in host and not bracketed) or not port.isdigit() or not 1 <= int(port) <= 65535:
+        raise UserError(f"--coordinator must be HOST:PORT (PORT in 1..65535, an IPv6 HOST in [...]) or 'auto', got {coordinator!r}")
+    if num_processes < 1:
+        raise UserError(f"--num-processes must be >= 1, got {num_processes}")
+    if not 0 <= process_id < num_processes:
+        raise UserError(f"--process-id must be in [0, {num_processes}) for --num-processes {num_processes}, got {process_id}")
+
+
+def initialize_distributed(coordinator: str | None, num_processes: int | None, process_id: int | None,
+                           timeout_s: int = COORDINATOR_TIMEOUT_S) -> None:
+    """Join a multi-process run: explicit flags, or whatever `jax.distributed.initialize()` detects (SLURM, TPU pods, ...).
+
+    The flags are checked first (`check_distributed_flags`: UserError). Then this waits at most `timeout_s`
+    seconds for the run to form (the coordinator answering, every process registered); past that, it
+    raises HostError naming the coordinator and the wait. JAX itself would wait its `initialization_timeout`
+    and then abort the process (no Python exception), so JAX connects in a helper thread, given a longer
+    timeout, while this one waits; a process that gave up leaves JAX's half-made connection behind, so it
+    exits at interpreter exit without running JAX's shutdown (which would wait on it and log its failure).
+    """
+    check_distributed_flags(coordinator, num_processes, process_id, timeout_s)
+    if coordinator is None and num_processes is None and process_id is None:
+        return
+    if coordinator == "auto":  # SLURM, Open MPI, TPU pods, ...: let JAX read the cluster's environment
+        where, options = "the cluster's coordinator", {"num_processes": num_processes, "process_id": process_id}
+    else:
+        # CPU devices need a collectives implementation for the cross-process all-reduce (accelerators ignore this).
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        where = f"the coordinator {coordinator}"
+        options = {"coordinator_address": coordinator, "num_processes": num_processes, "process_id": process_id}
+    failure: list[BaseException] = []
+
+    def connect() -> None:
+        try:
+            jax.distributed.initialize(**options, initialization_timeout=timeout_s + JAX_TIMEOUT_MARGIN_S)
+        except BaseException as err:  # noqa: BLE001 -- handed to the waiting thread
+            failure.append(err)
+
+    joining = threading.Thread(target=connect, name="mnist_jax-distributed-initialize", daemon=True)
+    joining.start()
+    joining.join(timeout_s)
+    who = f"process {process_id} of {num_processes}" if process_id is not None else "this process"
+    if joining.is_alive():
+        atexit.register(_exit_at_once)
+        raise HostError(f"{who}: the multi-process run did not form within {timeout_s} s (--coordinator-timeout): "
+                        f"{where} did not answer or not every process joined")  # fmt: skip
+    if failure:
+        message = str(failure[0]).strip().splitlines()
+        raise HostError(f"{who}: cannot join {where}: {message[0] if message else type(failure[0]).__name__}")
+
+
+def _exit_at_once() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(1)
 
 
 def wait_for_all_processes(name: str, timeout_s: int = 1800) -> None:

@@ -139,3 +139,71 @@ def test_two_processes_train_like_one(tmp_path, mnist_dirs):
     single_history, multi_history = (json.loads((tmp_path / w / "history.json").read_text()) for w in ("single", "multi"))
     assert multi_history["val_loss"] == pytest.approx(single_history["val_loss"], rel=1e-4)  # both epochs
     assert sorted(int(p.name) for p in (tmp_path / "multi" / "checkpoints").iterdir() if p.name.isdigit()) == [20, 40]
+
+
+# --- the multi-process flags: one line before anything starts, a bounded wait for the others (issue 23) ---
+
+BAD_FLAG_CASES = {
+    "process id = N": (["--num-processes", "2", "--process-id", "2"], "--process-id"),
+    "negative process id": (["--num-processes", "2", "--process-id", "-1"], "--process-id"),
+    "no processes": (["--num-processes", "0", "--process-id", "0"], "--num-processes"),
+    "no port": (["--coordinator", "127.0.0.1", "--num-processes", "2", "--process-id", "1"], "HOST:PORT"),
+    "port not a number": (["--coordinator", "127.0.0.1:http", "--num-processes", "2", "--process-id", "1"], "HOST:PORT"),
+    "port out of range": (["--coordinator", "127.0.0.1:99999", "--num-processes", "2", "--process-id", "1"], "HOST:PORT"),
+    "no host": (["--coordinator", ":1234", "--num-processes", "2", "--process-id", "1"], "HOST:PORT"),
+    "timeout 0": (["--coordinator", "127.0.0.1:1234", "--num-processes", "2", "--process-id", "1", "--coordinator-timeout", "0"], "--coordinator-timeout"),
+}
+
+# Every case in one process (each stops before JAX's distributed runtime starts, so one process can try them all).
+BAD_FLAGS = """
+import contextlib, io, json, sys
+from mnist_jax.cli import main
+results = {}
+for name, flags in json.loads(sys.argv[1]).items():
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(["train", "--workdir", sys.argv[2], *flags])
+        except SystemExit as exit:
+            code = exit.code
+    results[name] = [code, err.getvalue()]
+print(json.dumps(results))
+"""
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_bad_multi_process_flags_are_one_line_before_anything_starts(tmp_path):
+    flags = {name: ["--coordinator", f"127.0.0.1:{free_port()}", *args] if "--coordinator" not in args else args
+             for name, (args, _) in BAD_FLAG_CASES.items()}  # fmt: skip
+    result = subprocess.run([sys.executable, "-c", BAD_FLAGS, json.dumps(flags), str(tmp_path / "run")],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(result.stdout.strip().splitlines()[-1])
+    for name, (code, err) in results.items():
+        lines = err.strip().splitlines()
+        assert code == 2 and len(lines) == 1 and BAD_FLAG_CASES[name][1] in lines[0], (name, code, err)
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("process_id", [1, 0])  # 1: nobody listens; 0: the coordinator, but the other never comes
+def test_a_run_that_does_not_form_gives_up_in_one_line(tmp_path, process_id):
+    import time
+
+    start = time.monotonic()
+    result = subprocess.run(
+        [sys.executable, "-m", "mnist_jax", "train", "--workdir", str(tmp_path / "run"), "--coordinator", f"127.0.0.1:{free_port()}",
+         "--num-processes", "2", "--process-id", str(process_id), "--coordinator-timeout", "3"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 1 and len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith("mnist_jax: error: ") and "3 s" in lines[0] and "--coordinator-timeout" in lines[0]
+    assert time.monotonic() - start < 40  # the 3 s wait, plus starting Python and JAX on a busy machine
+    assert not (tmp_path / "run").exists()
