@@ -365,3 +365,4 @@ def test_analyze_with_a_full_disk_is_one_line_and_leaves_no_partial_file(run, tm
     with np.load(outdir / "predictions.npz") as saved:  # whole, as before
         assert saved["predicted"].shape == (10000,)
     assert after["predictions.npz"] == before["predictions.npz"]
+    assert main(["analyze", "--workdir", str(copy)]) == 0  # the interrupted analyze's files are still its own
