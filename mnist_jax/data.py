@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import os
 import socket
+import sys
 import tempfile
 import zipfile
 import zlib
@@ -318,7 +319,7 @@ def _tfds_split(
     if num_examples is not None:  # a slice cannot be fingerprinted: check the (small) test split instead, once
         _check_prepared(dataset, str(builder.data_dir))
     split_spec = split if num_examples is None else f"{split}[:{num_examples}]"
-    arrays = tfds.as_numpy(builder.as_dataset(split=split_spec, batch_size=-1, shuffle_files=False))
+    arrays = _read_whole(builder, split_spec, dataset)
     check_split(arrays["image"], arrays["label"], dataset, f"tfds's {split_spec} split in {builder.data_dir}")
     if num_examples is None:
         check_fingerprint(arrays["image"], dataset, split, f"tfds's prepared {builder.data_dir}")
@@ -329,8 +330,43 @@ def _tfds_split(
 def _check_prepared(dataset: str, builder_dir: str) -> None:
     import tensorflow_datasets as tfds
 
-    test = tfds.as_numpy(tfds.builder_from_directory(builder_dir).as_dataset(split="test", batch_size=-1))
+    test = _read_whole(tfds.builder_from_directory(builder_dir), "test", dataset)
     check_fingerprint(test["image"], dataset, "test", f"tfds's prepared {builder_dir}")
+
+
+def _read_whole(builder, split_spec: str, dataset: str) -> dict[str, np.ndarray]:
+    """A prepared split (or slice) read whole as numpy; UserError in one line if its records are damaged on disk."""
+    import tensorflow_datasets as tfds
+
+    tf = import_tf()
+    try:
+        with _native_stderr_held():  # TensorFlow's C++ log lines about the failure, on top of the one below
+            return tfds.as_numpy(builder.as_dataset(split=split_spec, batch_size=-1, shuffle_files=False))
+    except tf.errors.OpError as err:  # DataLossError: a corrupt record (its CRC fails), a cut file, ...
+        raise UserError(
+            f"tfds's prepared {builder.data_dir} is damaged ({type(err).__name__} reading {split_spec}): "
+            f"delete it and prepare {dataset} again from its original files"
+        ) from None
+
+
+@contextlib.contextmanager
+def _native_stderr_held() -> Iterator[None]:
+    """Hold what native code writes to file descriptor 2 meanwhile (C++ logging that no Python setting
+    reaches once jax is imported): written out when the block succeeds, dropped when it raises, whose
+    own one-line error then stands alone."""
+    sys.stderr.flush()
+    saved, held, ok = os.dup(2), tempfile.TemporaryFile(), False
+    try:
+        os.dup2(held.fileno(), 2)
+        yield
+        ok = True
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        if ok:
+            held.seek(0)
+            os.write(2, held.read())
+        held.close()
 
 
 ZIP_MAGIC, NPY_MAGIC = b"PK\x03\x04", b"\x93NUMPY"

@@ -8,6 +8,7 @@ The image files given to `predict` are fuzzed in tests/test_predict_images.py (i
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import shutil
 import subprocess
@@ -243,13 +244,15 @@ def test_gzip_bomb_in_the_manual_dir_is_refused_before_it_uses_memory(tmp_path):
     manual.mkdir()
     for name in data.FILES:
         shutil.copy(MANUAL_DIR / name, manual / name)
+    # tfds's registered (size, sha256) of the real archives, as `prepare` passes them.
+    registered = {name: ((MANUAL_DIR / name).stat().st_size, hashlib.sha256((MANUAL_DIR / name).read_bytes()).hexdigest()) for name in data.FILES}
     # MNIST's training images are 47 MB decompressed: this one says 512 MiB.
     gzip_bomb(manual / "train-images-idx3-ubyte.gz", 512)
     code = (
+        "from pathlib import Path\n"
         "from mnist_jax import data, UserError\n"
-        "data.import_tf(); import tensorflow_datasets\n"
         "before = peak()\n"
-        f"try: data.prepare('mnist', data_dir={str(tmp_path / 'tfds')!r}, manual_dir={str(manual)!r}); result = 'prepared'\n"
+        f"try: data.check_manual_files('mnist', Path({str(manual)!r}), {registered!r}); result = 'accepted'\n"
         "except UserError as err: result = f'UserError: {err}'\n"
     )
     result, growth = _peak_rss_growth(code)
@@ -310,3 +313,15 @@ def test_unwritable_data_dir_is_one_line_and_exit_1(tmp_path, capfd):
         assert_one_line(code, capfd.readouterr().err, 1, str(target), "cannot write")
     finally:
         locked.chmod(0o700)
+
+
+def test_damaged_prepared_tfds_data_is_one_line_and_exit_2(mnist_dirs, tmp_path, capfd):
+    # Bytes of a prepared split changed on disk (a bad copy, a failing disk): TensorFlow's DataLossError
+    # must not reach the user as a traceback.
+    shutil.copytree(mnist_dirs["data_dir"], tmp_path / "tfds")
+    (record,) = (tmp_path / "tfds").glob("mnist/*/mnist-test.tfrecord*")
+    raw = bytearray(record.read_bytes())
+    raw[len(raw) // 2 : len(raw) // 2 + 16] = bytes(16)
+    record.write_bytes(bytes(raw))
+    code = main(["train", "--data-dir", str(tmp_path / "tfds"), "--workdir", str(tmp_path / "run"), *TRAIN])
+    assert_one_line(code, capfd.readouterr().err, 2, "damaged", str(tmp_path / "tfds"))
