@@ -293,3 +293,17 @@ def test_predict_reports_each_malformed_file_in_one_line(model, tmp_path):
         assert error.startswith(f"mnist_jax: error: {path}: "), (path, error)
     too_large = errors[[p.name for p in bad].index("huge.png")]
     assert "13000x13000" in too_large, too_large
+
+
+def test_evaluate_refuses_labels_out_of_range(model, mnist_small, tmp_path, capfd):
+    """The real test images with one label of -3: `evaluate --arrays` once printed `Test Loss : nan`, exit 0."""
+    workdir, _ = model
+    test = mnist_small[1]
+    labels = test["label"].copy()
+    labels[7] = -3
+    path = tmp_path / "test.npz"
+    np.savez(path, dataset=np.array("mnist"), test_image=(test["image"] * 255).round().astype(np.uint8), test_label=labels)
+    code = main(["evaluate", "--workdir", str(workdir), "--arrays", str(path)])
+    out, err = capfd.readouterr()
+    assert code == 2 and out == "", out
+    assert err.count("\n") == 1 and err.startswith(f"mnist_jax: error: {path}: test_label holds -3 (example 7"), err
