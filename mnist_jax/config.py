@@ -33,6 +33,9 @@ class HostError(Exception):
 # does and -1 as 2**32 - 1. Config.validate refuses the others.
 SEED_MAX = 2**32 - 1
 
+# Each data set's classes: its labels are 0..N-1 (data.CLASS_NAMES names them), so a model needs N outputs at least.
+NUM_CLASSES = {"mnist": 10, "fashion_mnist": 10}
+
 # Evaluation batch: the fastest of those measured on XLA:CPU (docs/performance.md); accelerators hardly care.
 EVAL_BATCH_SIZE = 200
 
@@ -142,6 +145,10 @@ class Config:
             (self.model.padding in PADDINGS, f"padding must be one of {', '.join(PADDINGS)}"),
             (self.model.pool in POOLS, f"pool must be one of {', '.join(POOLS)}"),
             (0.0 <= self.model.dropout_rate < 1.0, f"dropout rate must be in [0, 1), got {self.model.dropout_rate}"),
+            (
+                self.model.num_classes >= NUM_CLASSES.get(self.dataset, 0),
+                f"--num-classes must be at least {NUM_CLASSES.get(self.dataset)} for {self.dataset}, got {self.model.num_classes}",
+            ),
         ]
         for ok, message in checks:
             if not ok:

@@ -325,3 +325,14 @@ def test_damaged_prepared_tfds_data_is_one_line_and_exit_2(mnist_dirs, tmp_path,
     record.write_bytes(bytes(raw))
     code = main(["train", "--data-dir", str(tmp_path / "tfds"), "--workdir", str(tmp_path / "run"), *TRAIN])
     assert_one_line(code, capfd.readouterr().err, 2, "damaged", str(tmp_path / "tfds"))
+
+
+def test_a_model_with_fewer_outputs_than_the_data_has_classes_is_refused(tmp_path, capfd):
+    # MNIST's labels are 0..9: a 5-output model would one-hot labels 5..9 to zeros and train on them silently.
+    from mnist_jax import ModelConfig
+
+    with pytest.raises(UserError, match="--num-classes must be at least 10 for mnist, got 5"):
+        Config(model=ModelConfig(num_classes=5)).validate()
+    Config(model=ModelConfig(num_classes=12)).validate()  # spare outputs are harmless
+    code = main(["train", "--num-classes", "9", "--dataset", "fashion_mnist", "--workdir", str(tmp_path / "run"), "--arrays", str(tmp_path / "none.npz"), *TRAIN])
+    assert_one_line(code, capfd.readouterr().err, 2, "--num-classes", "fashion_mnist")
