@@ -10,9 +10,9 @@ damaged after writing is reported like one with missing files: one warning line 
 before it, or one error line when it was asked for by name.
 
 A checkpoint that cannot be written (disk full, permissions) raises `HostError` in one line naming the
-last good checkpoint, after its partial folder is removed. Orbax's own log lines, and the leftovers of
-its aborted asynchronous reads and writes (reported on a closed event loop), are muted once a manager
-exists: every failure reaches the caller as an exception, which `mnist_jax.cli` reports in one line.
+last good checkpoint, after its partial folder is removed. Every failure reaches the caller as an
+exception; `mute_orbax_noise` (a process-wide setting, called by entry points such as `mnist_jax.cli`)
+drops Orbax's own log lines and the leftovers of its aborted asynchronous reads and writes.
 """
 
 from __future__ import annotations
@@ -55,7 +55,6 @@ class CheckpointManager(ocp.CheckpointManager):
     `close`."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        mute_orbax_noise()
         super().__init__(*args, **kwargs)
         self.writing: int | None = None  # the step of the latest save
 

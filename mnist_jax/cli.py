@@ -269,7 +269,10 @@ NON_FINITE_EXIT_CODE = 3
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from mnist_jax.checkpoint import mute_orbax_noise
     from mnist_jax.train import PREEMPTED_EXIT_CODE, NonFiniteLoss, Preempted
+
+    mute_orbax_noise()  # failures reach us as exceptions, reported in one line below
 
     if not args.debug:
         from absl import logging as absl_logging

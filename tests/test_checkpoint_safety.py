@@ -208,6 +208,7 @@ def test_missing_manifest_is_one_warning_line(tmp_path, two_states, capfd, monke
     reported through sys.unraisablehook (which pytest would otherwise swallow: recorded here instead)."""
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", lambda u: unraisable.append(f"{u.exc_type.__name__}: {u.exc_value}"))
+    checkpoint.mute_orbax_noise()  # as the CLI does at its start
     _save_run(tmp_path, two_states)
     (tmp_path / "checkpoints" / "2" / "state" / "manifest.ocdbt").unlink()
     capfd.readouterr()
