@@ -149,6 +149,10 @@ class Config:
                 self.model.num_classes >= NUM_CLASSES.get(self.dataset, 0),
                 f"--num-classes must be at least {NUM_CLASSES.get(self.dataset)} for {self.dataset}, got {self.model.num_classes}",
             ),
+            *(  # the layers' sizes (a config.json may hold any number)
+                (getattr(self.model, name) >= 1, f"--{name.replace('_', '-')} must be >= 1, got {getattr(self.model, name)}")
+                for name in ("conv1_features", "conv1_kernel", "conv2_features", "conv2_kernel", "dense_features", "num_classes")
+            ),
         ]
         for ok, message in checks:
             if not ok:

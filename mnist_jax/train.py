@@ -30,7 +30,7 @@ from mnist_jax.parallel import DataParallel, check_divisible, data_parallel, wai
 from mnist_jax.runtime import StopRequest
 from mnist_jax.tblog import TensorBoardLog
 from mnist_jax.tracing import StepTrace
-from mnist_jax.workdir import link_latest, prepare_workdir
+from mnist_jax.workdir import claim_workdir, completed_run, link_latest
 
 # Names that lived here before the steps and the loop had modules of their own.
 from mnist_jax.loop import CPU_STEPS_PER_CALL, evaluate, resolve_steps_per_call  # noqa: F401
@@ -128,6 +128,14 @@ class EpochWatch:
             raise self.saver.stopped(state, self.stop)
 
 
+def raise_if_stopped(stop: StopRequest, manager: ocp.CheckpointManager, resume: bool) -> None:
+    """`Preempted` if a stop was requested before training started (while the data loaded or the steps
+    compiled): nothing was trained, so nothing is saved; a resumed run stays at its checkpoint."""
+    if stop.requested:
+        kept = f"the run is as it was (checkpoint step {manager.latest_step()} in {manager.directory}); continue with --resume"
+        raise Preempted(f"stopped by {stop.name} before training started; {kept if resume else 'nothing was trained or saved'}")
+
+
 def make_feed(config: Config, dp: DataParallel, train: dict[str, np.ndarray], keys: StepKeys, per_call: int) -> loop.Feed:
     """The way `config.pipeline` and `per_call` feed `steps.train_step` (not compiled yet)."""
     if config.pipeline == "tfdata":
@@ -156,7 +164,10 @@ def fit(
 
     `resume` continues from the latest checkpoint in `config.workdir`. `stop` (from `runtime.stop_on_signals`)
     is polled between compiled calls: once set, the current call finishes, a checkpoint is written and
-    `Preempted` is raised. A non-finite loss raises `NonFiniteLoss` without saving.
+    `Preempted` is raised (at once, nothing saved, if no step was trained yet). A non-finite loss raises
+    `NonFiniteLoss` without saving. The workdir is this call's while it runs (`workdir.claim_workdir`: another
+    process or call there gets UserError naming the holder). Resuming a complete run (`workdir.completed_run`)
+    writes nothing and returns its state and history.json.
     `history` holds per epoch loss and accuracy (running means over the epoch's steps), val_loss,
     val_accuracy, epoch_time_s (steps, validation and checkpoint) and train_time_s (the steps alone); and
     compile_time_s (before the clock starts) and fit_time_s. `before_epoch(epoch)` (0-based) runs before that
@@ -167,41 +178,47 @@ def fit(
     check_divisible(config.batch_size, dp.num_devices)
     lead = jax.process_index() == 0  # one process prints and writes the run's files
     say = print if verbose and lead else (lambda *a, **k: None)
-    workdir = prepare_workdir(config, resume)
-    link = config.workdir is None  # runs/latest follows default run folders only
-    config = dataclasses.replace(config, workdir=str(workdir))
-    where = {"data_dir": config.data_dir, "manual_dir": config.manual_dir, "arrays": config.arrays}
-    train = data.load_split(config.dataset, "train", num_examples=config.train_examples, **where)
-    test = data.load_split(config.dataset, "test", **where)
-    steps_per_epoch = loop.check_steps_per_epoch(len(train["label"]), config.batch_size)
-    keys = StepKeys.from_seed(config.seed)
-    state = dp.put_replicated(create_train_state(keys.init, config))
-    manager = checkpoint.make_manager(workdir / "checkpoints", config.keep_checkpoints)
-    state, position, history = restore_position(manager, state) if resume else (state, Position(), {k: [] for k in HISTORY_KEYS})
-    if resume:
-        say(f"Resumed from {manager.directory} at step {int(state.step)} (epoch {position.epoch + 1}, step {position.step_in_epoch} of {steps_per_epoch})")
-    if lead:  # on resume too: the epochs to train and where the data is may have changed
-        config.save(workdir / "config.json")
-    if lead and link:
-        link_latest(workdir)
-    say(summary(make_model(config)) + describe_devices(dp, config.batch_size))
+    stop = stop or StopRequest()
+    # The folder is this process's until fit returns or raises (a second process there is refused); `closing`
+    # then closes the manager (waiting for async saves), the trace, TensorBoard and the progress bar, in reverse.
+    with claim_workdir(config, resume) as workdir, contextlib.ExitStack() as closing:
+        link = config.workdir is None  # runs/latest follows default run folders only
+        config = dataclasses.replace(config, workdir=str(workdir))
+        where = {"data_dir": config.data_dir, "manual_dir": config.manual_dir, "arrays": config.arrays}
+        train = data.load_split(config.dataset, "train", num_examples=config.train_examples, **where)
+        test = data.load_split(config.dataset, "test", **where)
+        steps_per_epoch = loop.check_steps_per_epoch(len(train["label"]), config.batch_size)
+        keys = StepKeys.from_seed(config.seed)
+        state = dp.put_replicated(create_train_state(keys.init, config))
+        manager = closing.enter_context(checkpoint.make_manager(workdir / "checkpoints", config.keep_checkpoints))
+        state, position, history = restore_position(manager, state) if resume else (state, Position(), {k: [] for k in HISTORY_KEYS})
+        if resume and (complete := completed_run(workdir, config.epochs, position.epoch, position.step_in_epoch, int(state.step))):
+            say(complete)  # and nothing written: not even config.json's --epochs
+            return state, json.loads((workdir / "history.json").read_text())
+        raise_if_stopped(stop, manager, resume)  # a stop while the data loaded
+        if resume:
+            say(f"Resumed from {manager.directory} at step {int(state.step)} (epoch {position.epoch + 1}, step {position.step_in_epoch} of {steps_per_epoch})")
+        if lead:  # on resume too: the epochs to train and where the data is may have changed
+            config.save(workdir / "config.json")
+        if lead and link:
+            link_latest(workdir)
+        say(summary(make_model(config)) + describe_devices(dp, config.batch_size))
 
-    # Compile before the clock starts, so epochs time training alone (a warm compilation cache makes this quick).
-    compile_clock, per_call = loop.Stopwatch(), loop.resolve_steps_per_call(config, steps_per_epoch)
-    order = loop.epoch_order(dp, keys.data, len(train["label"]), config.batch_size)
-    feed = make_feed(config, dp, train, keys, per_call)
-    feed.compile(state, dp.put_replicated(steps.zero_sums()), (steps_per_epoch, config.batch_size))
-    eval_batch = next(data.padded_batches(test, loop.eval_batch_size(config.eval_batch_size, dp)))
-    eval_fn = eval_step.lower(state, dp.put_batch(eval_batch)).compile()  # every evaluation batch has this one shape
-    history["compile_time_s"] = history.get("compile_time_s", 0.0) + compile_clock.elapsed()
-    say(f"Compiled in {compile_clock.elapsed():.1f} s ({per_call} step(s) per call)")
-    wait_for_all_processes(f"mnist_jax:fit:start:{workdir}:{int(state.step)}")  # right before the first collective
+        # Compile before the clock starts, so epochs time training alone (a warm compilation cache makes this quick).
+        compile_clock, per_call = loop.Stopwatch(), loop.resolve_steps_per_call(config, steps_per_epoch)
+        order = loop.epoch_order(dp, keys.data, len(train["label"]), config.batch_size)
+        feed = make_feed(config, dp, train, keys, per_call)
+        feed.compile(state, dp.put_replicated(steps.zero_sums()), (steps_per_epoch, config.batch_size))
+        eval_batch = next(data.padded_batches(test, loop.eval_batch_size(config.eval_batch_size, dp)))
+        eval_fn = eval_step.lower(state, dp.put_batch(eval_batch)).compile()  # every evaluation batch has this one shape
+        history["compile_time_s"] = history.get("compile_time_s", 0.0) + compile_clock.elapsed()
+        raise_if_stopped(stop, manager, resume)  # a stop while compiling
+        say(f"Compiled in {compile_clock.elapsed():.1f} s ({per_call} step(s) per call)")
+        wait_for_all_processes(f"mnist_jax:fit:start:{workdir}:{int(state.step)}")  # right before the first collective
 
-    tb = TensorBoardLog(workdir / "tb" if config.tensorboard and lead else None, resumed_at=int(state.step) if resume else None)
-    saver, stop = RunCheckpoints(manager, history, loop.Stopwatch(position.fit_time_s), tb), stop or StopRequest()
-    trace = StepTrace(parse_step_range(config.profile_steps), workdir / "profile")
-    # Closing the manager waits for async saves; `bars` clears the progress bar before an error is printed.
-    with tb, manager, trace, contextlib.ExitStack() as bars:
+        tb = closing.enter_context(TensorBoardLog(workdir / "tb" if config.tensorboard and lead else None, resumed_at=int(state.step) if resume else None))
+        saver = RunCheckpoints(manager, history, loop.Stopwatch(position.fit_time_s), tb)
+        trace = closing.enter_context(StepTrace(parse_step_range(config.profile_steps), workdir / "profile"))
         for epoch in range(position.epoch, config.epochs):
             if before_epoch is not None:
                 manager.wait_until_finished()  # the last epoch's checkpoint is written: nothing of this run runs on
@@ -210,8 +227,8 @@ def fit(
             resumed = position if epoch == position.epoch else Position(epoch)
             epoch_clock, sums = loop.Stopwatch(resumed.epoch_time_s), dp.put_replicated(steps.sums_from_host(resumed.sums))
             feed.start_epoch(order(epoch), resumed.step_in_epoch)
-            bar = bars.enter_context(tqdm(total=steps_per_epoch, initial=resumed.step_in_epoch, desc=f"Epoch {epoch + 1}/{config.epochs}",
-                                          disable=not (verbose and lead), leave=False))  # fmt: skip
+            bar = closing.enter_context(tqdm(total=steps_per_epoch, initial=resumed.step_in_epoch, desc=f"Epoch {epoch + 1}/{config.epochs}",
+                                             disable=not (verbose and lead), leave=False))  # fmt: skip
             watch = EpochWatch(epoch, steps_per_epoch, config.checkpoint_every_steps, stop, saver, trace, epoch_clock, bar)
             state, sums = loop.run_epoch(feed, state, sums, first_step=resumed.step_in_epoch, num_steps=steps_per_epoch,
                                          per_call=per_call, hooks=watch)  # fmt: skip
@@ -232,7 +249,7 @@ def fit(
         history["fit_time_s"] = saver.fit_clock.elapsed()
         test_metrics = evaluate(state, test, config.eval_batch_size, dp, eval_fn)
         tb.hparams(config.flat_dict(), {"test_accuracy": test_metrics["accuracy"], "test_loss": test_metrics["loss"]})
-    write_results(workdir, history, {**test_metrics, "examples": len(test["label"])}, say, lead)
+        write_results(workdir, history, {**test_metrics, "examples": len(test["label"])}, say, lead)
     return state, history
 
 
