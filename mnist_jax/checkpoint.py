@@ -220,11 +220,11 @@ def state_checksums(state: TrainState) -> dict[str, str]:
     arrays = jax.device_get([_local_copy(leaf) for _, leaf in items])
     sums = {}
     for (path, _), array in zip(items, arrays):
-        array = np.ascontiguousarray(array)
-        if array.ndim == 0:
+        array = np.asarray(array)  # not ascontiguousarray: it makes a 0-d array 1-d
+        if array.ndim == 0:  # the step: an int32 array when saved, maybe a Python int when restored
             crc = _crc(repr(array.item()).encode())
         else:
-            crc = _crc(array.reshape(-1).view(np.uint8), zlib.crc32(f"{array.dtype.str}{array.shape}".encode()))
+            crc = _crc(np.ascontiguousarray(array).reshape(-1).view(np.uint8), zlib.crc32(f"{array.dtype.str}{array.shape}".encode()))
         sums[jax.tree_util.keystr(path, simple=True, separator="/")] = crc
     return sums
 
