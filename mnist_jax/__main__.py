@@ -1,3 +1,23 @@
-from mnist_jax.cli import main
+import signal
+import sys
 
-raise SystemExit(main())
+
+def run() -> int:
+    """`python -m mnist_jax`: a Ctrl-C while JAX and the library load (seconds) is noted, not raised (a
+    KeyboardInterrupt raised inside JAX's import-time callbacks would be swallowed), and acted on once they are
+    loaded; from then on Ctrl-C is Python's, until `train` installs its graceful stop."""
+    noted: list[int] = []
+    signal.signal(signal.SIGINT, lambda signum, frame: noted.append(signum))
+    from mnist_jax import cli, train  # noqa: F401 - train: the heavy imports, here rather than in cli.main
+
+    try:
+        if noted:
+            raise KeyboardInterrupt
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        return cli.main()
+    except KeyboardInterrupt:
+        print("mnist_jax: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, as a shell reports it
+
+
+raise SystemExit(run())

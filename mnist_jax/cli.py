@@ -148,22 +148,24 @@ def _summary(args: argparse.Namespace) -> int:
 
 def _analyze(args: argparse.Namespace) -> int:
     from mnist_jax import analysis, checkpoint, data
+    from mnist_jax.workdir import lock_workdir
 
     # Every flag and the output folder are checked before anything is loaded; write_analysis checks
     # again what needs the data (--index) before its first write.
     analysis.check_flags(seed=args.seed, feature_index=args.index)
     workdir, config, state = checkpoint.restore_run(args.workdir)
     outdir = workdir / "analysis"
-    analysis.check_outdir(outdir, force=args.force)
-    history = analysis.load_history(workdir)
-    test = _test_split(args, config)
     names = data.CLASS_NAMES[config.dataset]
-    summary = analysis.write_analysis(
-        state, test, history, outdir,
-        class_names=None if config.dataset == "mnist" else names,
-        seed=args.seed, feature_index=args.index, batch_size=config.eval_batch_size,
-        title=f"{workdir} ({config.dataset}, step {int(state.step)})", force=args.force,
-    )  # fmt: skip
+    with lock_workdir(workdir):  # not while a `train` writes there
+        analysis.check_outdir(outdir, force=args.force)
+        history = analysis.load_history(workdir)
+        test = _test_split(args, config)
+        summary = analysis.write_analysis(
+            state, test, history, outdir,
+            class_names=None if config.dataset == "mnist" else names,
+            seed=args.seed, feature_index=args.index, batch_size=config.eval_batch_size,
+            title=f"{workdir} ({config.dataset}, step {int(state.step)})", force=args.force,
+        )  # fmt: skip
     print(f"Test Loss : {summary['test_loss']:.4f}")
     print(f"Test Accuracy : {summary['test_accuracy']:.4f}")
     sep = " " if config.dataset == "mnist" else ", "  # digits as the tutorial printed them: [7 2 1 0 ...]

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -225,6 +226,20 @@ def test_ctrl_c_while_compiling_is_one_line_exit_75_and_nothing_saved(tmp_path, 
     assert messages(err) == ["mnist_jax: stopped by SIGINT before training started; nothing was trained or saved"], err[-2000:]
     assert "Compiled in" not in out or "Epoch 1/1 -" not in out
     assert committed_steps(workdir) == [] and not (workdir / "metrics.json").exists()
+
+
+def test_ctrl_c_while_python_imports_jax_is_one_line_exit_130(tmp_path):
+    # 0.3 s after the start the interpreter is still importing JAX (over a second): no handler of ours yet.
+    cmd = [sys.executable, "-m", "mnist_jax", "train", *SMALL, "--workdir", str(tmp_path / "run")]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO, start_new_session=True)
+    try:
+        threading.Timer(0.3, proc.send_signal, (signal.SIGINT,)).start()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert (proc.returncode, err.splitlines()) == (130, ["mnist_jax: interrupted"]), err[-2000:]
+    assert not (tmp_path / "run").exists()
 
 
 # ----------------------------------------------------------------------------- a damaged config.json
