@@ -92,6 +92,18 @@ def test_unprepared_data_without_manual_dir_fails_fast_naming_the_files(tmp_path
         return [(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP, "", (UNROUTABLE, port))]
 
     monkeypatch.setattr(socket, "getaddrinfo", unroutable)
+    # And that address is a black hole whatever this machine's routes (some answer TEST-NET-1 with a refusal at
+    # once): a connection to it waits out its socket's timeout, or a minute without one, then times out.
+    real_connect = socket.socket.connect
+
+    def black_hole(sock, address):
+        if address[0] != UNROUTABLE:
+            return real_connect(sock, address)
+        timeout = sock.gettimeout()
+        time.sleep(60 if timeout is None else min(timeout, 60))
+        raise TimeoutError("timed out")
+
+    monkeypatch.setattr(socket.socket, "connect", black_hole)
     monkeypatch.delenv(data.MANUAL_DIR_ENV, raising=False)
     start = time.perf_counter()
     with pytest.raises(UserError) as err:
