@@ -136,6 +136,26 @@ def raise_if_stopped(stop: StopRequest, manager: ocp.CheckpointManager, resume: 
         raise Preempted(f"stopped by {stop.name} before training started; {kept if resume else 'nothing was trained or saved'}")
 
 
+def load_run_data(config: Config) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The run's training examples (`config.train_examples`) and its whole test split, checked."""
+    where = {"data_dir": config.data_dir, "manual_dir": config.manual_dir, "arrays": config.arrays}
+    train = data.load_split(config.dataset, "train", num_examples=config.train_examples, **where)
+    return train, data.load_split(config.dataset, "test", **where)
+
+
+def compile_programs(
+    config: Config, dp: DataParallel, train: dict[str, np.ndarray], test: dict[str, np.ndarray], keys: StepKeys, state: TrainState,
+    steps_per_epoch: int,
+) -> tuple[loop.Feed, int, Any]:
+    """(feed, per_call, eval_fn): the compiled training feed (`per_call` steps per call) and evaluation step
+    (every evaluation batch has one shape), built before the clock starts so that epochs time training alone."""  # fmt: skip
+    per_call = loop.resolve_steps_per_call(config, steps_per_epoch)
+    feed = make_feed(config, dp, train, keys, per_call)
+    feed.compile(state, dp.put_replicated(steps.zero_sums()), (steps_per_epoch, config.batch_size))
+    eval_batch = next(data.padded_batches(test, loop.eval_batch_size(config.eval_batch_size, dp)))
+    return feed, per_call, eval_step.lower(state, dp.put_batch(eval_batch)).compile()
+
+
 def make_feed(config: Config, dp: DataParallel, train: dict[str, np.ndarray], keys: StepKeys, per_call: int) -> loop.Feed:
     """The way `config.pipeline` and `per_call` feed `steps.train_step` (not compiled yet)."""
     if config.pipeline == "tfdata":
@@ -160,18 +180,14 @@ def fit(
     config: Config, *, resume: bool = False, verbose: bool = True, before_epoch: Callable[[int], None] | None = None,
     stop: StopRequest | None = None,
 ) -> tuple[TrainState, dict[str, Any]]:
-    """Train `config` end to end: data, state, epochs, checkpoints, history. Returns (state, history).
+    """Train `config` end to end in its workdir (held: `workdir.claim_workdir`). Returns (state, history).
 
-    `resume` continues from the latest checkpoint in `config.workdir`. `stop` (from `runtime.stop_on_signals`)
-    is polled between compiled calls: once set, the current call finishes, a checkpoint is written and
-    `Preempted` is raised (at once, nothing saved, if no step was trained yet). A non-finite loss raises
-    `NonFiniteLoss` without saving. The workdir is this call's while it runs (`workdir.claim_workdir`: another
-    process or call there gets UserError naming the holder). Resuming a complete run (`workdir.completed_run`)
-    writes nothing and returns its state and history.json.
-    `history` holds per epoch loss and accuracy (running means over the epoch's steps), val_loss,
-    val_accuracy, epoch_time_s (steps, validation and checkpoint) and train_time_s (the steps alone); and
-    compile_time_s (before the clock starts) and fit_time_s. `before_epoch(epoch)` (0-based) runs before that
-    epoch's clock starts, once the previous epoch's checkpoint is written; its time is not the run's.
+    `resume` continues from the latest checkpoint (a complete run: nothing written, its history returned).
+    `stop` (`runtime.stop_on_signals`) is polled between compiled calls: the call finishes, a checkpoint is
+    written, `Preempted` is raised (before any step: nothing saved). A non-finite loss: `NonFiniteLoss`.
+    `history`: per epoch loss, accuracy (running means), val_loss, val_accuracy, epoch_time_s, train_time_s
+    (steps alone); compile_time_s, fit_time_s. `before_epoch(epoch)` runs outside the clock, after the
+    previous epoch's checkpoint is written.
     """  # fmt: skip
     config.validate()
     dp = data_parallel(config.devices)
@@ -184,9 +200,7 @@ def fit(
     with claim_workdir(config, resume) as workdir, contextlib.ExitStack() as closing:
         link = config.workdir is None  # runs/latest follows default run folders only
         config = dataclasses.replace(config, workdir=str(workdir))
-        where = {"data_dir": config.data_dir, "manual_dir": config.manual_dir, "arrays": config.arrays}
-        train = data.load_split(config.dataset, "train", num_examples=config.train_examples, **where)
-        test = data.load_split(config.dataset, "test", **where)
+        train, test = load_run_data(config)
         steps_per_epoch = loop.check_steps_per_epoch(len(train["label"]), config.batch_size)
         keys = StepKeys.from_seed(config.seed)
         state = dp.put_replicated(create_train_state(keys.init, config))
@@ -204,13 +218,8 @@ def fit(
             link_latest(workdir)
         say(summary(make_model(config)) + describe_devices(dp, config.batch_size))
 
-        # Compile before the clock starts, so epochs time training alone (a warm compilation cache makes this quick).
-        compile_clock, per_call = loop.Stopwatch(), loop.resolve_steps_per_call(config, steps_per_epoch)
-        order = loop.epoch_order(dp, keys.data, len(train["label"]), config.batch_size)
-        feed = make_feed(config, dp, train, keys, per_call)
-        feed.compile(state, dp.put_replicated(steps.zero_sums()), (steps_per_epoch, config.batch_size))
-        eval_batch = next(data.padded_batches(test, loop.eval_batch_size(config.eval_batch_size, dp)))
-        eval_fn = eval_step.lower(state, dp.put_batch(eval_batch)).compile()  # every evaluation batch has this one shape
+        compile_clock, order = loop.Stopwatch(), loop.epoch_order(dp, keys.data, len(train["label"]), config.batch_size)
+        feed, per_call, eval_fn = compile_programs(config, dp, train, test, keys, state, steps_per_epoch)
         history["compile_time_s"] = history.get("compile_time_s", 0.0) + compile_clock.elapsed()
         raise_if_stopped(stop, manager, resume)  # a stop while compiling
         say(f"Compiled in {compile_clock.elapsed():.1f} s ({per_call} step(s) per call)")
