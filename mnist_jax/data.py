@@ -29,6 +29,7 @@ import jax
 import numpy as np
 
 from mnist_jax.config import DATASETS, HostError, UserError
+from mnist_jax.files import atomic_write
 
 MANUAL_DIR_ENV = "MNIST_JAX_MANUAL_DIR"
 FILES = (
@@ -441,13 +442,8 @@ def export_arrays(
         raise UserError(f"cannot write {path}: {err.strerror}") from None
     splits = {split: _tfds_split(dataset, split, data_dir, manual_dir) for split in ("train", "test")}
     flat = {f"{split}_{key}": value for split, arrays in splits.items() for key, value in arrays.items()}
-    try:
-        np.savez_compressed(tmp, dataset=np.array(dataset), **flat)
-        tmp.replace(path)  # never a half-written file under the final name
-    except OSError as err:  # e.g. the disk filled up
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path}: {err.strerror}") from None
-    return path
+    # Never a half-written file under the final name; a full disk is HostError (exit 1), as for every output.
+    return atomic_write(path, lambda tmp: np.savez_compressed(tmp, dataset=np.array(dataset), **flat))
 
 
 def padded_batches(arrays: dict[str, Any], batch_size: int) -> Iterator[dict[str, np.ndarray]]:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import errno
 import json
 import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -77,6 +79,23 @@ def test_export_refuses_to_overwrite_without_force(tmp_path, mnist_dirs, capsys)
     assert main(["export", "--out", str(out), "--force", *flags]) == 0
     with np.load(out) as saved:
         assert saved["train_label"].shape == (60000,) and saved["test_image"].shape[0] == 10000
+
+
+EXPORT_WITH_A_FULL_DISK = """
+import resource, sys
+from mnist_jax.cli import main
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))  # files stop at 1 MiB: a full disk
+sys.exit(main(["export", "--out", sys.argv[1], "--data-dir", sys.argv[2], "--manual-dir", sys.argv[3]]))
+"""
+
+
+def test_export_with_a_full_disk_is_one_line_exit_1_and_leaves_nothing(tmp_path, mnist_dirs):
+    out = tmp_path / "mnist.npz"
+    result = subprocess.run([sys.executable, "-c", EXPORT_WITH_A_FULL_DISK, str(out), mnist_dirs["data_dir"], mnist_dirs["manual_dir"]],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines() == [f"mnist_jax: error: disk full writing {out} (File too large); it is unchanged"]
+    assert list(tmp_path.iterdir()) == []
 
 
 # --- compare -----------------------------------------------------------------------
