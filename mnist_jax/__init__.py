@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-# Imported on first use, so that `python -m mnist_jax` can take a Ctrl-C (or print --help) before JAX loads.
+# Imported on first use: `python -m mnist_jax` (mnist_jax/__main__.py) sets up its Ctrl-C handling before JAX loads.
 EXPORTS = {
     "CNN": "mnist_jax.model",
     "Config": "mnist_jax.config",

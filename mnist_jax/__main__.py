@@ -14,10 +14,10 @@ def run() -> int:
         if noted:
             raise KeyboardInterrupt
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        return cli.main()
+        return cli.main()  # a later Ctrl-C: cli.main's one line and 130
     except KeyboardInterrupt:
-        print("mnist_jax: interrupted", file=sys.stderr)
-        return 130  # 128 + SIGINT, as a shell reports it
+        print(cli.INTERRUPTED, file=sys.stderr)
+        return cli.INTERRUPTED_EXIT_CODE
 
 
 raise SystemExit(run())

@@ -267,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 NON_FINITE_EXIT_CODE = 3
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT, as a shell reports it
+INTERRUPTED = "mnist_jax: interrupted"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -300,6 +302,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Preempted as stop:
         print(f"mnist_jax: {stop}", file=sys.stderr)
         return PREEMPTED_EXIT_CODE
+    except KeyboardInterrupt:  # Ctrl-C outside train's graceful stop (evaluate, analyze, predict, ...)
+        if args.debug:
+            raise
+        print(INTERRUPTED, file=sys.stderr)
+        return INTERRUPTED_EXIT_CODE
 
 
 if __name__ == "__main__":

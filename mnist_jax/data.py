@@ -400,7 +400,7 @@ def _npz_split(path: Path, dataset: str, split: str) -> dict[str, np.ndarray]:
             for name, shape in zip(names, ((expected, *IMAGE_SHAPE), (expected,))):
                 _check_member_header(npz.zip, name, shape, path)
             raw = {"image": npz[names[0]], "label": npz[names[1]]}
-    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError) as err:
+    except (zipfile.BadZipFile, zlib.error, EOFError, OSError, ValueError, KeyError) as err:
         # np.load finds a cut-off zip; the members' CRC-32 (or inflate) finds changed bytes.
         damaged = isinstance(err, zlib.error) or "CRC" in str(err)
         raise UserError(f"cannot read arrays file {path}{': it is damaged' if damaged else ''} ({err}); {export}") from None
@@ -433,11 +433,10 @@ def export_arrays(
     accelerator machine where only jax/flax/optax/orbax are installed (MNIST: ~15 MB).
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
     try:  # before loading anything, so that an unwritable place is found out at once
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.touch()
-        tmp.unlink()
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror}") from None
     splits = {split: _tfds_split(dataset, split, data_dir, manual_dir) for split in ("train", "test")}

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from mnist_jax import checkpoint, data, loop, steps
 from mnist_jax.config import Config, UserError, parse_step_range
+from mnist_jax.files import atomic_write
 from mnist_jax.model import summary
 from mnist_jax.parallel import DataParallel, check_divisible, data_parallel, wait_for_all_processes
 from mnist_jax.runtime import StopRequest
@@ -212,16 +213,16 @@ def fit(
         raise_if_stopped(stop, manager, resume)  # a stop while the data loaded
         if resume:
             say(f"Resumed from {manager.directory} at step {int(state.step)} (epoch {position.epoch + 1}, step {position.step_in_epoch} of {steps_per_epoch})")
-        if lead:  # on resume too: the epochs to train and where the data is may have changed
-            config.save(workdir / "config.json")
-        if lead and link:
-            link_latest(workdir)
         say(summary(make_model(config)) + describe_devices(dp, config.batch_size))
 
         compile_clock, order = loop.Stopwatch(), loop.epoch_order(dp, keys.data, len(train["label"]), config.batch_size)
         feed, per_call, eval_fn = compile_programs(config, dp, train, test, keys, state, steps_per_epoch)
         history["compile_time_s"] = history.get("compile_time_s", 0.0) + compile_clock.elapsed()
         raise_if_stopped(stop, manager, resume)  # a stop while compiling
+        if lead:  # on resume too: the epochs to train and where the data is may have changed
+            config.save(workdir / "config.json")
+        if lead and link:
+            link_latest(workdir)
         say(f"Compiled in {compile_clock.elapsed():.1f} s ({per_call} step(s) per call)")
         wait_for_all_processes(f"mnist_jax:fit:start:{workdir}:{int(state.step)}")  # right before the first collective
 
@@ -272,9 +273,9 @@ def describe_devices(dp: DataParallel, batch_size: int) -> str:
 def write_results(workdir: Path, history: dict[str, Any], test: dict[str, float], say: Callable[..., None], lead: bool) -> None:
     """history.json and metrics.json (by the lead process), and the run's last lines."""
     if lead:
-        (workdir / "history.json").write_text(json.dumps(history, indent=2) + "\n")
+        atomic_write(workdir / "history.json", lambda tmp: tmp.write_text(json.dumps(history, indent=2) + "\n"))
         metrics = {"test_loss": test["loss"], "test_accuracy": test["accuracy"], "test_examples": test["examples"]}
-        (workdir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+        atomic_write(workdir / "metrics.json", lambda tmp: tmp.write_text(json.dumps(metrics, indent=2) + "\n"))  # last: it marks the run complete
     say(f"Fit Time : {history['fit_time_s']:.1f} s")
     say(f"Test Loss : {test['loss']:.4f}")
     say(f"Test Accuracy : {test['accuracy']:.4f}")

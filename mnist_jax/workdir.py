@@ -160,7 +160,7 @@ def link_latest(workdir: Path) -> None:
     """Point `<workdir's parent>/latest` at `workdir` (atomically), unless `latest` is a real folder."""
     latest = workdir.parent / "latest"
     if latest.is_symlink() or not latest.exists():
-        tmp = workdir.parent / ".latest.tmp"
+        tmp = workdir.parent / f".latest.{os.getpid()}.tmp"  # two runs may link at once
         tmp.unlink(missing_ok=True)
         tmp.symlink_to(workdir.name)
         tmp.replace(latest)
