@@ -209,20 +209,25 @@ class PoolVariantCNN(nn.Module):
 
 
 class DeepCNN(nn.Module):
-    """The improved recipe's network: [Conv3x3·w → Conv3x3·w → MaxPool] x2 (w, 2w) → Dropout → Dense → Dropout → Dense 10."""
+    """The improved recipe's network: [Conv3x3·w → Conv3x3·w → MaxPool] x2 (w, 2w) → Dropout → Dense → Dropout → Dense 10.
+
+    `forms` is how each of the four convolutions trains (`mnist_jax.model.Conv.form`), in call order;
+    `LAYER_FORMS` holds the measured choice per backend. Every form computes the same function.
+    """
 
     width: int = 32
     dense_features: int = 256
     dropout_rate: float = 0.4
+    forms: tuple[str, ...] = ("matmul",) * 4
 
     @nn.compact
     def __call__(self, images: jax.Array, *, train: bool) -> jax.Array:
         init = nn.initializers.he_uniform()
+        forms = iter(self.forms)
         x = images
         for block, features in enumerate((self.width, 2 * self.width)):
-            for i in range(2):  # model.Conv (a matmul): vmapped over models it stays a batched matmul, where
-                # nn.Conv would become a grouped convolution, several times slower on XLA:CPU
-                x = nn.relu(Conv(features, 3, kernel_init=init, name=f"conv{block + 1}_{i + 1}")(x))
+            for i in range(2):
+                x = nn.relu(Conv(features, 3, kernel_init=init, form=next(forms), name=f"conv{block + 1}_{i + 1}")(x, train))
             x = Pool2x2("max", name=f"pool{block + 1}")(x, train)
         x = nn.Dropout(self.dropout_rate / 2, deterministic=not train)(x)
         x = nn.relu(nn.Dense(self.dense_features, kernel_init=init)(Flatten()(x)))
@@ -272,8 +277,8 @@ class Recipe:
     def config(self, seed: int = 0, dataset: str = "mnist") -> Config:
         return Config(dataset=dataset, epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.peak_learning_rate, seed=seed)
 
-    def model(self) -> DeepCNN:
-        return DeepCNN(self.width, self.dense_features, self.dropout_rate)
+    def model(self, forms: tuple[str, ...] = ("matmul",) * 4) -> DeepCNN:
+        return DeepCNN(self.width, self.dense_features, self.dropout_rate, forms=forms)
 
     def optimizer(self, steps_per_epoch: int) -> optax.GradientTransformation:
         """AdamW: linear warmup (1 epoch, at most 10 % of the run), then cosine decay to 0; the peak rate is injected (can differ per model)."""
@@ -317,13 +322,28 @@ def recipe_step_fn(label_smoothing: float, max_shift: float = 0.0, max_degrees: 
     return step
 
 
-def fit_recipe(recipe: Recipe, seeds: Sequence[int], train, test, dataset: str = "mnist", verbose: bool = True):
-    """Train the improved recipe for each seed in one vmapped program: (states, histories)."""
+# How DeepCNN's convolutions train when seeds train one after another, per backend (experiments/layer_forms.py,
+# experiments/README.md; on CPU with one step per call). Vmapped seeds keep the matmul form (a batched matmul under vmap).
+LAYER_FORMS = {"cpu": ("xla", "xla", "xla", "xla")}
+
+
+def seeds_one_after_another() -> bool:
+    """On CPU seeds train one after another (vmapping gains nothing there); on accelerators, vmapped."""
+    return jax.default_backend() == "cpu"
+
+
+def fit_recipe(recipe: Recipe, seeds: Sequence[int], train, test, dataset: str = "mnist", verbose: bool = True, sequential: bool | None = None):
+    """Train the improved recipe for each seed: (stacked states, histories). `sequential` None: `seeds_one_after_another()`."""
     from mnist_jax.multi import fit_many
 
+    sequential = seeds_one_after_another() if sequential is None else sequential
+    forms = LAYER_FORMS.get(jax.default_backend(), ("matmul",) * 4) if sequential else ("matmul",) * 4
     steps = len(train["label"]) // recipe.batch_size
-    configs = [recipe.config(s, dataset) for s in seeds]
-    return fit_many(configs, train, test, model=recipe.model(), optimizer=recipe.optimizer(steps), step_fn=recipe.step_fn(), verbose=verbose)
+    # XLA:CPU's convolution inside lax.scan ran ~12x slower than dispatched one step per call (experiments/README.md)
+    per_call = 1 if "xla" in forms and jax.default_backend() == "cpu" else 0
+    configs = [dataclasses.replace(recipe.config(s, dataset), steps_per_call=per_call) for s in seeds]
+    return fit_many(configs, train, test, model=recipe.model(forms), optimizer=recipe.optimizer(steps), step_fn=recipe.step_fn(),
+                    sequential=sequential, verbose=verbose)  # fmt: skip
 
 
 def ensemble_summary(states, test) -> dict[str, Any]:

@@ -217,10 +217,12 @@ def fit_many(
     step_fn: StepFn = steps.train_step,
     eval_train: bool = False,
     shared_order: bool = False,
+    sequential: bool = False,
     verbose: bool = False,
     tb_dir: str | Path | None = None,
 ) -> tuple[TrainState, list[dict[str, Any]]]:
-    """Train K models in one compiled step: model k as `fit(configs[k])` would, without a workdir.
+    """Train K models in one compiled step (or, with `sequential`, one after another): model k as
+    `fit(configs[k])` would, without a workdir.
 
     `configs` may differ only in `seed` and `learning_rate`; `epochs`, `batch_size`, `train_examples`,
     `eval_batch_size` and the model come from `configs[0]`. `train`/`test` are `load_split` arrays
@@ -228,17 +230,52 @@ def fit_many(
     `mnist_jax.steps.train_step`) replace the library's defaults for the whole group. With
     `eval_train`, each epoch also evaluates every model on its training set in eval mode (no dropout).
     With `shared_order`, all models see the batches of configs[0]'s data order. With `tb_dir`, model k's
-    per-epoch scalars go to TensorBoard event files in `tb_dir/model-k` (`mnist_jax.tblog`). Steps are dispatched
+    per-epoch scalars go to TensorBoard event files in `tb_dir/model-k` (`mnist_jax.tblog`). With `sequential`,
+    each model trains alone (a group of one) and the states are stacked after: on
+    XLA:CPU, vmapped models gain no speed and turn XLA's convolution into a slow grouped one
+    (experiments/README.md, improved recipe). `shared_order` is then moot. Steps are dispatched
     `config.steps_per_call` at a time, as in `fit` (auto: 100 on CPU, a whole epoch on GPU/TPU, under `lax.scan`).
 
     Returns the stacked final states and one history per model: loss, accuracy (running train means,
     with dropout), val_loss, val_accuracy[, train_eval_loss, train_eval_accuracy] per epoch, and
     epoch_time_s (the group's training time per epoch, evaluation excluded), eval_time_s,
-    compile_time_s, fit_time_s, nonfinite_step (first step whose loss was NaN/Inf, or None).
+    compile_time_s, fit_time_s, nonfinite_step (first step whose loss was NaN/Inf, or None). Vmapped models
+    share their group's times; sequential ones have their own.
     """
     configs = [configs] if isinstance(configs, Config) else list(configs)
     _check_compatible(configs)
-    config = [c.validate() for c in configs][0]  # every model's seed and learning rate, not only the first's
+    [c.validate() for c in configs]  # every model's seed and learning rate, not only the first's
+    model = make_model(configs[0]) if model is None else model  # one model and optimizer: the states stack
+    optimizer = default_optimizer(configs[0]) if optimizer is None else optimizer
+    kw = dict(model=model, optimizer=optimizer, built_learning_rate=configs[0].learning_rate, step_fn=step_fn, eval_train=eval_train, verbose=verbose)
+    tb_dirs = [None if tb_dir is None else Path(tb_dir) / f"model-{k}" for k in range(len(configs))]
+    if not sequential:
+        return _fit_group(configs, train, test, shared_order=shared_order, tb_dirs=tb_dirs, **kw)
+    trained = []
+    for k, (config, tb) in enumerate(zip(configs, tb_dirs)):
+        if verbose:
+            print(f"-- model {k + 1}/{len(configs)} (seed {config.seed}), trained alone", flush=True)
+        trained.append(_fit_group([config], train, test, tb_dirs=[tb], **kw))
+    return stack([unstack(states, 0) for states, _ in trained]), [history for _, (history,) in trained]
+
+
+def _fit_group(
+    configs: Sequence[Config],
+    train: dict[str, np.ndarray],
+    test: dict[str, np.ndarray] | None,
+    *,
+    model: Any,
+    optimizer: optax.GradientTransformation,
+    built_learning_rate: float,
+    step_fn: StepFn,
+    eval_train: bool,
+    shared_order: bool = False,
+    verbose: bool,
+    tb_dirs: Sequence[Path | None],
+) -> tuple[TrainState, list[dict[str, Any]]]:
+    """`fit_many`'s vmapped group: `configs` (checked compatible and valid) in one compiled step, model k's
+    TensorBoard scalars in `tb_dirs[k]` (None: none); `optimizer` was built with `built_learning_rate`."""
+    config = configs[0]
     if config.train_examples is not None:
         train = {k: v[: config.train_examples] for k, v in train.items()}
     steps_per_epoch = loop.check_steps_per_epoch(len(train["label"]), config.batch_size)
@@ -246,7 +283,7 @@ def fit_many(
     keys = [StepKeys.from_seed(c.seed) for c in configs]
     init_keys, dropout_keys, data_keys = (jnp.stack([getattr(k, f) for k in keys]) for f in ("init", "dropout", "data"))
     states = create_train_states(init_keys, config, model=model, optimizer=optimizer)
-    if any(c.learning_rate != config.learning_rate for c in configs):
+    if any(c.learning_rate != built_learning_rate for c in configs):
         states = set_learning_rates(states, [c.learning_rate for c in configs])
     zero_sums = lambda: dp.put_replicated(jax.tree.map(lambda x: jnp.tile(x, len(configs)), steps.zero_sums()))  # noqa: E731
 
@@ -259,7 +296,7 @@ def fit_many(
 
     names = ["loss", "accuracy", "val_loss", "val_accuracy"] + (["train_eval_loss", "train_eval_accuracy"] if eval_train else [])
     histories = [{**{n: [] for n in names}, "epoch_time_s": [], "eval_time_s": [], "nonfinite_step": None} for _ in configs]
-    logs = [TensorBoardLog(None if tb_dir is None else Path(tb_dir) / f"model-{k}") for k in range(len(configs))]
+    logs = [TensorBoardLog(tb) for tb in tb_dirs]
     for epoch in range(config.epochs):
         epoch_clock = loop.Stopwatch()
         feed.start_epoch(order(epoch), 0)

@@ -5,7 +5,7 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-from mnist_jax import Config, ModelConfig, create_train_state, evaluate, train_step
+from mnist_jax import Config, ModelConfig, create_train_state, evaluate, load_split, train_step
 from mnist_jax.data import epoch_permutation
 from mnist_jax.multi import (
     create_train_states,
@@ -52,10 +52,11 @@ def _one_by_one(config, train):
     return state
 
 
-def test_fit_many_equals_models_trained_one_by_one():
+@pytest.mark.parametrize("sequential", [False, True])
+def test_fit_many_equals_models_trained_one_by_one(sequential):
     train = _data()
     configs = [dataclasses.replace(SMALL, seed=s, learning_rate=lr) for s, lr in ((0, 1e-3), (1, 2e-3), (7, 5e-4))]
-    states, histories = fit_many(configs, train, {k: v[:64] for k, v in train.items()})
+    states, histories = fit_many(configs, train, {k: v[:64] for k, v in train.items()}, sequential=sequential)
     assert int(states.step[0]) == 20 and len(histories) == 3  # 2 epochs x 10 steps, 3 models
     np.testing.assert_allclose(get_learning_rates(states), [1e-3, 2e-3, 5e-4], rtol=1e-6)
     for k, config in enumerate(configs):
@@ -64,6 +65,23 @@ def test_fit_many_equals_models_trained_one_by_one():
         assert int(states.step[k]) == int(reference.step)
         assert histories[k]["seed"] == config.seed and len(histories[k]["val_accuracy"]) == 2
     assert not np.allclose(np.asarray(states.params["dense2"]["bias"][0]), np.asarray(states.params["dense2"]["bias"][1]))
+    fit_times = {h["fit_time_s"] for h in histories}
+    assert len(fit_times) == (3 if sequential else 1)  # one after another: each model's own clock
+
+
+def test_seeds_one_after_another_equal_fit_for_each_seed(tmp_path, mnist_dirs):
+    from mnist_jax import fit
+
+    base = dataclasses.replace(SMALL, epochs=1, train_examples=320, **mnist_dirs)
+    train = load_split("mnist", "train", num_examples=320, **mnist_dirs)
+    test = load_split("mnist", "test", num_examples=500, **mnist_dirs)
+    configs = [dataclasses.replace(base, seed=s) for s in (0, 3)]
+    states, histories = fit_many(configs, train, test, sequential=True)
+    for k, config in enumerate(configs):
+        state, history = fit(dataclasses.replace(config, workdir=str(tmp_path / str(k))), verbose=False)
+        _assert_trees_close(unstack(states.params, k), state.params, **TOL)
+        assert int(states.step[k]) == int(state.step) == 20
+        np.testing.assert_allclose(histories[k]["loss"], history["loss"], rtol=1e-5)
 
 
 @pytest.mark.parametrize("shared_order", [False, True])
