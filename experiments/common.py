@@ -96,14 +96,14 @@ def setup() -> None:
 # --- data -------------------------------------------------------------------
 
 
-def load(args: argparse.Namespace, train_examples: int | None = None, test_examples: int | None = None):
-    """(train, test) arrays; Fashion-MNIST reads the Debian package's files when no --manual-dir is given."""
+def load(args: argparse.Namespace, train_examples: int | None = None, test_examples: int | None = None, with_test: bool = True):
+    """(train, test) arrays (test None without `with_test`); Fashion-MNIST reads the Debian package's files when no --manual-dir is given."""
     manual = args.manual_dir
     if manual is None and args.dataset == "fashion_mnist" and FASHION_MANUAL_DIR.is_dir():
         manual = str(FASHION_MANUAL_DIR)
     kw = dict(data_dir=args.data_dir, manual_dir=manual, arrays=args.arrays)
     train = load_split(args.dataset, "train", num_examples=train_examples, **kw)
-    test = load_split(args.dataset, "test", num_examples=test_examples, **kw)
+    test = load_split(args.dataset, "test", num_examples=test_examples, **kw) if with_test else None
     return train, test
 
 
@@ -332,8 +332,10 @@ def seeds_one_after_another() -> bool:
     return jax.default_backend() == "cpu"
 
 
-def fit_recipe(recipe: Recipe, seeds: Sequence[int], train, test, dataset: str = "mnist", verbose: bool = True, sequential: bool | None = None):
-    """Train the improved recipe for each seed: (stacked states, histories). `sequential` None: `seeds_one_after_another()`."""
+def fit_recipe(recipe: Recipe, seeds: Sequence[int], train, test, dataset: str = "mnist", verbose: bool = True, sequential: bool | None = None,
+               tb_dir: Path | None = None):  # fmt: skip
+    """Train the improved recipe for each seed: (stacked states, histories). `sequential` None: `seeds_one_after_another()`;
+    `tb_dir`: each model's per-epoch scalars as TensorBoard event files while it trains (`fit_many`)."""
     from mnist_jax.multi import fit_many
 
     sequential = seeds_one_after_another() if sequential is None else sequential
@@ -343,21 +345,28 @@ def fit_recipe(recipe: Recipe, seeds: Sequence[int], train, test, dataset: str =
     per_call = 1 if "xla" in forms and jax.default_backend() == "cpu" else 0
     configs = [dataclasses.replace(recipe.config(s, dataset), steps_per_call=per_call) for s in seeds]
     return fit_many(configs, train, test, model=recipe.model(forms), optimizer=recipe.optimizer(steps), step_fn=recipe.step_fn(),
-                    sequential=sequential, verbose=verbose)  # fmt: skip
+                    sequential=sequential, verbose=verbose, tb_dir=tb_dir)  # fmt: skip
 
 
-def ensemble_summary(states, test) -> dict[str, Any]:
-    """Each model's test accuracy and wrong count, and those of the mean-probability ensemble."""
-    from mnist_jax.multi import predict_many
-
-    probs = predict_many(states, test["image"])
-    wrong = (probs.argmax(-1) != test["label"][None]).sum(-1)
-    ensemble_wrong = int((probs.mean(0).argmax(-1) != test["label"]).sum())
-    n = len(test["label"])
+def ensemble_summary(probs: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """Each model's accuracy and wrong count, and those of the mean-probability ensemble; `probs` is
+    `mnist_jax.multi.predict_many`'s float32[K, N, classes], `labels` int[N]."""
+    wrong = (probs.argmax(-1) != labels[None]).sum(-1)
+    ensemble_wrong = int((probs.mean(0).argmax(-1) != labels).sum())
+    n = len(labels)
     return {
         "accuracy": [1 - w / n for w in wrong.tolist()], "wrong": wrong.tolist(),
         "ensemble_accuracy": 1 - ensemble_wrong / n, "ensemble_wrong": ensemble_wrong, "test_examples": n,
     }  # fmt: skip
+
+
+def recipe_times(histories: Sequence[dict[str, Any]], sequential: bool) -> dict[str, float]:
+    """Mean seconds per epoch per model, and the whole training time, of `fit_recipe`'s histories:
+    one after another, each model's own times (summed); vmapped, the group's times shared by all."""
+    epoch_times = [t for h in histories for t in h["epoch_time_s"]]
+    per_model = sum(epoch_times) / len(epoch_times) / (1 if sequential else len(histories))
+    fit_time = sum(h["fit_time_s"] for h in histories) if sequential else histories[0]["fit_time_s"]
+    return {"epoch_time_s_per_model": per_model, "fit_time_s": fit_time}
 
 
 # --- one group of vmapped models, evaluated on the test split ----------------
@@ -366,13 +375,13 @@ def ensemble_summary(states, test) -> dict[str, Any]:
 def run_group(label: str, configs: Sequence[Config], train, test, *, per_epoch_test: bool = False, **fit_kw) -> dict[str, Any]:
     """`fit_many` on `configs`, then each model (and their ensemble) on `test`; numbers for a table row."""
     from mnist_jax import count_params
-    from mnist_jax.multi import fit_many, unstack
+    from mnist_jax.multi import fit_many, predict_many, unstack
 
     print(f"-- {label}: {len(configs)} model(s) vmapped", flush=True)
     states, histories = fit_many(configs, train, test if per_epoch_test else None, verbose=True, **fit_kw)
     k, times = len(configs), histories[0]["epoch_time_s"]
     return {
-        "label": label, **ensemble_summary(states, test), "params": count_params(unstack(states.params, 0)),
+        "label": label, **ensemble_summary(predict_many(states, test["image"]), test["label"]), "params": count_params(unstack(states.params, 0)),
         "models": k, "epoch_time_s_per_model": statistics.mean(times) / k, "group_epoch_time_s": times,
         "compile_time_s": histories[0]["compile_time_s"], "fit_time_s": histories[0]["fit_time_s"],
         "final_train_loss": [h["loss"][-1] for h in histories], "nonfinite_step": [h["nonfinite_step"] for h in histories],

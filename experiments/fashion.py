@@ -2,8 +2,10 @@
 
 import dataclasses
 
-from common import Recipe, Run, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, run_group, seed_configs
+from common import (Recipe, Run, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, recipe_times, run_group,
+                    seed_configs, seeds_one_after_another)
 from mnist_jax import Config
+from mnist_jax.multi import predict_many
 
 
 def main() -> None:
@@ -16,9 +18,10 @@ def main() -> None:
     seed = run_group("seed recipe", seed_configs(Config(dataset=args.dataset, epochs=args.seed_epochs), args.seeds), train, test)
     recipe = dataclasses.replace(Recipe(), epochs=args.improved_epochs, width=args.width, dense_features=args.dense_features)
     print("-- improved recipe", flush=True)
-    states, histories = fit_recipe(recipe, args.seeds, train, None, args.dataset)
-    improved = {**ensemble_summary(states, test), "label": "improved recipe", "recipe": dataclasses.asdict(recipe), "histories": histories,
-                "epoch_time_s_per_model": sum(histories[0]["epoch_time_s"]) / len(histories[0]["epoch_time_s"]) / len(args.seeds)}  # fmt: skip
+    sequential = seeds_one_after_another()
+    states, histories = fit_recipe(recipe, args.seeds, train, None, args.dataset, sequential=sequential)
+    improved = {**ensemble_summary(predict_many(states, test["image"]), test["label"]), "label": "improved recipe",
+                "recipe": dataclasses.asdict(recipe), "histories": histories, **recipe_times(histories, sequential)}  # fmt: skip
     rows = []
     for r, epochs in ((seed, args.seed_epochs), (improved, args.improved_epochs)):
         rows.append([r["label"], epochs, mean_std(r["accuracy"]), f"{100 * r['ensemble_accuracy']:.2f}", r["ensemble_wrong"],

@@ -13,9 +13,10 @@ held out: that is where recipe choices are made; the test split is then not read
 import dataclasses
 
 import numpy as np
-from common import Recipe, Run, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, seeds_one_after_another
-from mnist_jax import count_params
-from mnist_jax.multi import unstack
+from common import (Recipe, Run, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, recipe_times,
+                    seeds_one_after_another)
+from mnist_jax import analysis, count_params
+from mnist_jax.multi import predict_many, unstack
 
 
 def main() -> None:
@@ -23,25 +24,26 @@ def main() -> None:
                                          per_epoch_test=True, holdout=0),
                       quick=dict(train_examples=5000, epochs=3, width=16, dense_features=128, per_epoch_test=False), seeds="3", quick_seeds="2")  # fmt: skip
     run = Run(args)
-    train, test = load(args, args.train_examples)
+    train, test = load(args, args.train_examples, with_test=not args.holdout)
     split = "test"
-    if args.holdout:  # choose the recipe on held-out training images: the test split is not used at all
+    if args.holdout:  # choose the recipe on held-out training images: the test split is not even loaded
         train, test, split = *holdout(train, args.holdout), "validation"
     recipe = dataclasses.replace(Recipe(), epochs=args.epochs, width=args.width, dense_features=args.dense_features)
     sequential = seeds_one_after_another()
-    states, histories = fit_recipe(recipe, args.seeds, train, test if args.per_epoch_test else None, args.dataset, sequential=sequential)
-    epoch_times = [t for h in histories for t in h["epoch_time_s"]]
-    fit_time = sum(h["fit_time_s"] for h in histories) if sequential else histories[0]["fit_time_s"]
-    result = {**ensemble_summary(states, test), "split": split, "recipe": dataclasses.asdict(recipe), "params": count_params(unstack(states.params, 0)),
-              "seeds_one_after_another": sequential, "epoch_time_s_per_model": sum(epoch_times) / len(epoch_times) / (1 if sequential else len(args.seeds)),
-              "compile_time_s": histories[0]["compile_time_s"], "fit_time_s": fit_time, "histories": histories}  # fmt: skip
+    states, histories = fit_recipe(recipe, args.seeds, train, test if args.per_epoch_test else None, args.dataset, sequential=sequential,
+                                   tb_dir=args.out / "tb")  # fmt: skip
+    probs = predict_many(states, test["image"])
+    times = recipe_times(histories, sequential)
+    result = {**ensemble_summary(probs, test["label"]), "split": split, "recipe": dataclasses.asdict(recipe), "params": count_params(unstack(states.params, 0)),
+              "seeds_one_after_another": sequential, **times, "compile_time_s": histories[0]["compile_time_s"], "histories": histories,
+              **ensemble_mistakes(probs.mean(0), test, args.out / "wrong.png")}  # fmt: skip
     rows = [[seed, f"{100 * a:.2f}", w] for seed, a, w in zip(args.seeds, result["accuracy"], result["wrong"])]
     rows.append(["**mean ± std**", f"**{mean_std(result['accuracy'])}**", ""])
     rows.append([f"**ensemble of {len(args.seeds)}**", f"**{100 * result['ensemble_accuracy']:.2f}**", result["ensemble_wrong"]])
     table = markdown_table(["seed", f"{split} accuracy %", f"wrong (of {result['test_examples']:,})"], rows)
     how = "one after another" if sequential else "in one vmapped program"
     table += (f"\n\n{result['params']:,} params; {len(args.seeds)} models {how}: {result['epoch_time_s_per_model']:.1f} s/epoch "
-              f"per model, compile {result['compile_time_s']:.1f} s, training {fit_time:.0f} s in all.")  # fmt: skip
+              f"per model, compile {result['compile_time_s']:.1f} s, training {result['fit_time_s']:.0f} s in all.")  # fmt: skip
     run.finish({"runs": [result]}, table, plot(args, histories, result))
 
 
@@ -50,6 +52,14 @@ def holdout(train: dict, size: int) -> tuple[dict, dict]:
     order = np.random.default_rng(0).permutation(len(train["label"]))
     keep, held = np.sort(order[size:]), np.sort(order[:size])
     return {k: v[keep] for k, v in train.items()}, {k: v[held] for k, v in train.items()}
+
+
+def ensemble_mistakes(probs: np.ndarray, split: dict, path) -> dict:
+    """The ensemble's wrong predictions (`mnist_jax.analysis`): drawn in a 4x4 grid at `path`, listed with its top confusions."""
+    wrong = analysis.wrong_predictions(split["label"], probs)
+    analysis.plot_wrong(split["image"], wrong, path=path)
+    confusion = analysis.confusion_matrix(split["label"], probs.argmax(-1))
+    return {"ensemble_wrong_predictions": wrong.to_dict(), "ensemble_top_confusions": analysis.top_confusions(confusion)}
 
 
 def plot(args, histories, result):

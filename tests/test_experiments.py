@@ -58,3 +58,24 @@ def test_augmentation_with_no_shift_rotation_or_zoom_is_the_identity():
 
 def test_seed_lists():
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("0,4,7") == [0, 4, 7] and parse_seeds("5,") == [5]
+
+
+@pytest.mark.slow  # a whole-process scenario: make test-slow
+def test_improved_chooses_on_a_held_out_split_and_draws_the_ensembles_mistakes(tmp_path, mnist_dirs):
+    cmd = [sys.executable, "experiments/improved.py", "--quick", "--train-examples", "640", "--holdout", "256", "--epochs", "1",
+           "--seeds", "2", "--per-epoch-test", "true", "--out", str(tmp_path), "--data-dir", mnist_dirs["data_dir"],
+           "--manual-dir", mnist_dirs["manual_dir"]]  # fmt: skip
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert run["split"] == "validation" and run["test_examples"] == 256  # the held-out images, not the test split
+    assert [len(h["val_accuracy"]) for h in run["histories"]] == [1, 1]
+    mistakes = run["ensemble_wrong_predictions"]
+    assert mistakes["count"] == run["ensemble_wrong"] == len(mistakes["indices"]) and mistakes["total"] == 256
+    assert abs(run["ensemble_accuracy"] - (1 - mistakes["count"] / 256)) < 1e-9
+    if run["seeds_one_after_another"]:  # CPU: each seed's own training time, summed
+        assert run["fit_time_s"] == pytest.approx(sum(h["fit_time_s"] for h in run["histories"]))
+    assert (tmp_path / "wrong.png").read_bytes()[:4] == b"\x89PNG"
+    assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["model-0", "model-1"]
+    table = (tmp_path / "table.md").read_text()
+    assert "validation accuracy %" in table and "**mean ± std**" in table and "**ensemble of 2**" in table
