@@ -215,8 +215,8 @@ class DeepCNN(nn.Module):
     `LAYER_FORMS` holds the measured choice per backend. Every form computes the same function.
     """
 
-    width: int = 32
-    dense_features: int = 256
+    width: int = 16
+    dense_features: int = 128
     dropout_rate: float = 0.4
     forms: tuple[str, ...] = ("matmul",) * 4
 
@@ -259,16 +259,16 @@ def augment(key: jax.Array, images: jax.Array, max_shift: float = 2.0, max_degre
 
 @dataclasses.dataclass(frozen=True)
 class Recipe:
-    """The improved recipe. Chosen before measuring it (common practice for MNIST), not tuned on the test set."""
+    """The improved recipe: common MNIST practice; its size (width, Dense, epochs) chosen on a held-out split, never the test set (experiments/README.md)."""
 
-    epochs: int = 30
+    epochs: int = 40
     batch_size: int = 128
     peak_learning_rate: float = 2e-3
     warmup_epochs: float = 1.0
     weight_decay: float = 0.05  # AdamW, decoupled (multiplied by the learning rate)
     label_smoothing: float = 0.1
-    width: int = 32
-    dense_features: int = 256
+    width: int = 16
+    dense_features: int = 128
     dropout_rate: float = 0.4
     max_shift: float = 2.0
     max_degrees: float = 10.0
