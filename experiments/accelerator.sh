@@ -14,7 +14,7 @@
 # (experiments/step_time.py: float32/bfloat16, each convolution form, scan unrolling, one step per
 # call), with a profiler trace of 100 steps; the seed recipe in bfloat16; the speedrun in float32.
 # Logs and JSON go to OUT_DIR (default results/accelerator). With `improved` as the third argument it runs
-# instead the improved recipe at its designed size (5 vmapped seeds, width 32, Dense 256, 30 epochs), one command.
+# instead the improved recipe at full width (5 vmapped seeds, width 32, Dense 256, 30 epochs; the CPU default is width 16 x 40), one command.
 set -u
 arrays=${1:?usage: bash experiments/accelerator.sh MNIST.npz [OUT_DIR] [improved]}
 out=${2:-results/accelerator}
