@@ -215,8 +215,8 @@ class DeepCNN(nn.Module):
     `LAYER_FORMS` holds the measured choice per backend. Every form computes the same function.
     """
 
-    width: int = 16
-    dense_features: int = 128
+    width: int = 32
+    dense_features: int = 256
     dropout_rate: float = 0.4
     forms: tuple[str, ...] = ("matmul",) * 4
 
