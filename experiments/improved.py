@@ -13,6 +13,7 @@ held out: that is where recipe choices are made; the test split is then not read
 
 import dataclasses
 
+import flax.serialization
 import numpy as np
 from common import (Recipe, Run, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, recipe_times,
                     seeds_one_after_another)
@@ -33,6 +34,7 @@ def main() -> None:
     sequential = seeds_one_after_another()
     states, histories = fit_recipe(recipe, args.seeds, train, test if args.per_epoch_test else None, args.dataset, sequential=sequential,
                                    tb_dir=args.out / "tb")  # fmt: skip
+    (args.out / "params.msgpack").write_bytes(flax.serialization.to_bytes(states.params))  # the K models' parameters, stacked
     probs = predict_many(states, test["image"])
     times = recipe_times(histories, sequential)
     result = {**ensemble_summary(probs, test["label"]), "split": split, "recipe": dataclasses.asdict(recipe), "params": count_params(unstack(states.params, 0)),
