@@ -240,21 +240,55 @@ class DeepCNN(nn.Module):
 
 def augment(key: jax.Array, images: jax.Array, max_shift: float = 2.0, max_degrees: float = 10.0, max_scale: float = 0.1) -> jax.Array:
     """Random affine warp per image (shift in pixels, rotation, zoom), bilinear, zeros outside: on the device, jittable."""
-    n, h, w, _ = images.shape
+    n = images.shape[0]
     k1, k2, k3 = jax.random.split(key, 3)
     shift = jax.random.uniform(k1, (n, 2), minval=-max_shift, maxval=max_shift)
-    angle = jnp.deg2rad(jax.random.uniform(k2, (n,), minval=-max_degrees, maxval=max_degrees))
+    degrees = jax.random.uniform(k2, (n,), minval=-max_degrees, maxval=max_degrees)
     scale = 1.0 + jax.random.uniform(k3, (n,), minval=-max_scale, maxval=max_scale)
+    return warp(images, shift, degrees, scale)
+
+
+def warp(images: jax.Array, shift: jax.Array, degrees: jax.Array, scale: jax.Array) -> jax.Array:
+    """Each image float32[N, H, W, 1] shifted by shift[n] = (down, right) pixels, rotated by degrees[n] and zoomed by
+    scale[n] about its centre; bilinear, zeros outside. Shift 0, 0 degrees, scale 1 is the identity."""
+    _, h, w, _ = images.shape
     ys, xs = jnp.meshgrid(jnp.arange(h, dtype=jnp.float32), jnp.arange(w, dtype=jnp.float32), indexing="ij")
     cy, cx = (h - 1) / 2, (w - 1) / 2
 
-    def warp(image, shift, angle, scale):  # output pixel -> source pixel (inverse map)
+    def one(image, shift, angle, scale):  # output pixel -> source pixel (inverse map)
         cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
         dy, dx = ys - cy - shift[0], xs - cx - shift[1]
         src_y, src_x = cos * dy - sin * dx + cy, sin * dy + cos * dx + cx
         return jax.scipy.ndimage.map_coordinates(image[..., 0], [src_y, src_x], order=1, mode="constant")[..., None]
 
-    return jax.vmap(warp)(images, shift, angle, scale)
+    return jax.vmap(one)(images, shift, jnp.deg2rad(degrees), scale)
+
+
+# Test-time views (down, right, degrees, scale) whose predictions `predict_views` averages; the recipe's choice is made on
+# the validation split (experiments/README.md).
+VIEWS = {
+    "none": ((0, 0, 0, 1),),
+    "shifts": ((0, 0, 0, 1), (1, 0, 0, 1), (-1, 0, 0, 1), (0, 1, 0, 1), (0, -1, 0, 1)),
+    "rotations": ((0, 0, 0, 1), (0, 0, 6, 1), (0, 0, -6, 1)),
+    "shifts+rotations": ((0, 0, 0, 1), (1, 0, 0, 1), (-1, 0, 0, 1), (0, 1, 0, 1), (0, -1, 0, 1), (0, 0, 6, 1), (0, 0, -6, 1)),
+}
+
+
+def predict_views(states, images: np.ndarray, views: Sequence[tuple[float, float, float, float]]) -> np.ndarray:
+    """Each model's class probabilities averaged over the warped `views` of `images` (`VIEWS`): float32[K, N, classes]."""
+    from mnist_jax.multi import predict_many
+
+    n, total = len(images), 0.0
+    for down, right, degrees, scale in views:
+        view = images
+        if (down, right, degrees, scale) != (0, 0, 0, 1):
+            view = np.asarray(_warp_all(images, np.tile(np.float32([down, right]), (n, 1)), np.full(n, degrees, np.float32),
+                                        np.full(n, scale, np.float32)))  # fmt: skip
+        total = total + predict_many(states, view)
+    return total / len(views)
+
+
+_warp_all = jax.jit(warp)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +307,7 @@ class Recipe:
     max_shift: float = 2.0
     max_degrees: float = 10.0
     max_scale: float = 0.1
+    views: str = "none"  # test-time views averaged (`VIEWS`)
 
     def config(self, seed: int = 0, dataset: str = "mnist") -> Config:
         return Config(dataset=dataset, epochs=self.epochs, batch_size=self.batch_size, learning_rate=self.peak_learning_rate, seed=seed)

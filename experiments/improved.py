@@ -15,10 +15,10 @@ import dataclasses
 
 import flax.serialization
 import numpy as np
-from common import (Recipe, Run, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, recipe_times,
-                    seeds_one_after_another)
+from common import (VIEWS, Recipe, Run, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, recipe_times,
+                    predict_views, seeds_one_after_another)
 from mnist_jax import analysis, count_params
-from mnist_jax.multi import predict_many, unstack
+from mnist_jax.multi import unstack
 
 
 def main() -> None:
@@ -35,15 +35,23 @@ def main() -> None:
     states, histories = fit_recipe(recipe, args.seeds, train, test if args.per_epoch_test else None, args.dataset, sequential=sequential,
                                    tb_dir=args.out / "tb")  # fmt: skip
     (args.out / "params.msgpack").write_bytes(flax.serialization.to_bytes(states.params))  # the K models' parameters, stacked
-    probs = predict_many(states, test["image"])
+    # test-time views: on validation every option of `VIEWS` (where the recipe's choice is made); on test the recipe's and none
+    names = VIEWS if args.holdout else dict.fromkeys(("none", recipe.views))
+    probs_by_views = {name: predict_views(states, test["image"], VIEWS[name]) for name in names}
+    probs = probs_by_views[recipe.views]
+    options = {name: ensemble_summary(p, test["label"]) for name, p in probs_by_views.items()}
     times = recipe_times(histories, sequential)
-    result = {**ensemble_summary(probs, test["label"]), "split": split, "recipe": dataclasses.asdict(recipe), "params": count_params(unstack(states.params, 0)),
+    result = {**ensemble_summary(probs, test["label"]), "views": options, "split": split, "recipe": dataclasses.asdict(recipe),
+              "params": count_params(unstack(states.params, 0)),
               "seeds_one_after_another": sequential, **times, "compile_time_s": histories[0]["compile_time_s"], "histories": histories,
               **ensemble_mistakes(probs.mean(0), test, args.out / "wrong.png")}  # fmt: skip
     rows = [[seed, f"{100 * a:.2f}", w] for seed, a, w in zip(args.seeds, result["accuracy"], result["wrong"])]
     rows.append(["**mean ± std**", f"**{mean_std(result['accuracy'])}**", ""])
     rows.append([f"**ensemble of {len(args.seeds)}**", f"**{100 * result['ensemble_accuracy']:.2f}**", result["ensemble_wrong"]])
     table = markdown_table(["seed", f"{split} accuracy %", f"wrong (of {result['test_examples']:,})"], rows)
+    table += "\n\n" + markdown_table(["test-time views", f"{split} accuracy % (mean of models)", "ensemble %", "ensemble wrong"],
+                                      [[name, f"{100 * np.mean(o['accuracy']):.3f}", f"{100 * o['ensemble_accuracy']:.2f}", o["ensemble_wrong"]]
+                                       for name, o in options.items()])  # fmt: skip
     how = "one after another" if sequential else "in one vmapped program"
     table += (f"\n\n{result['params']:,} params; {len(args.seeds)} models {how}: {result['epoch_time_s_per_model']:.1f} s/epoch "
               f"per model, compile {result['compile_time_s']:.1f} s, training {result['fit_time_s']:.0f} s in all.")  # fmt: skip

@@ -12,7 +12,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
 
-from common import augment, parse_seeds  # noqa: E402
+from common import VIEWS, Recipe, augment, parse_seeds, predict_views, warp  # noqa: E402
 
 
 @pytest.mark.slow  # a whole-process scenario: make test-slow
@@ -56,6 +56,32 @@ def test_augmentation_with_no_shift_rotation_or_zoom_is_the_identity():
     assert moved.shape == images.shape and not np.allclose(moved, images)
 
 
+def test_warp_shifts_by_whole_pixels_with_zeros_coming_in():
+    images = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
+    moved = np.asarray(warp(images, np.float32([[1, 0], [0, -2], [0, 0]]), np.zeros(3, np.float32), np.ones(3, np.float32)))
+    np.testing.assert_allclose(moved[0, 1:], images[0, :-1], atol=1e-6)  # one pixel down
+    np.testing.assert_allclose(moved[1, :, :-2], images[1, :, 2:], atol=1e-6)  # two pixels left
+    np.testing.assert_allclose(moved[2], images[2], atol=1e-6)  # the identity
+    assert not moved[0, 0].any() and not moved[1, :, -2:].any()
+
+
+def test_predict_views_averages_each_models_probabilities_over_the_views():
+    from flax.training.train_state import TrainState
+    import optax
+
+    from mnist_jax.multi import predict_many
+
+    model = Recipe(width=4, dense_features=8).model(("xla",) * 4)
+    images = np.asarray(jax.random.uniform(jax.random.key(0), (5, 28, 28, 1)))
+    params = jax.vmap(lambda k: model.init(k, images[:1], train=False)["params"])(jax.random.split(jax.random.key(1), 2))
+    states = jax.vmap(lambda p: TrainState.create(apply_fn=model.apply, params=p, tx=optax.identity()))(params)
+    np.testing.assert_allclose(predict_views(states, images, VIEWS["none"]), predict_many(states, images), rtol=1e-6)
+    down = np.asarray(warp(images, np.tile(np.float32([1, 0]), (5, 1)), np.zeros(5, np.float32), np.ones(5, np.float32)))
+    both = predict_views(states, images, ((0, 0, 0, 1), (1, 0, 0, 1)))
+    np.testing.assert_allclose(both, (predict_many(states, images) + predict_many(states, down)) / 2, rtol=1e-5, atol=1e-7)
+    assert both.shape == (2, 5, 10)
+
+
 def test_seed_lists():
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("0,4,7") == [0, 4, 7] and parse_seeds("5,") == [5]
 
@@ -77,5 +103,7 @@ def test_improved_chooses_on_a_held_out_split_and_draws_the_ensembles_mistakes(t
         assert run["fit_time_s"] == pytest.approx(sum(h["fit_time_s"] for h in run["histories"]))
     assert (tmp_path / "wrong.png").read_bytes()[:4] == b"\x89PNG"
     assert sorted(p.name for p in (tmp_path / "tb").iterdir()) == ["model-0", "model-1"]
+    assert sorted(run["views"]) == sorted(VIEWS)  # on validation, every test-time option the recipe chooses from
+    assert run["views"][run["recipe"]["views"]]["ensemble_wrong"] == run["ensemble_wrong"]
     table = (tmp_path / "table.md").read_text()
     assert "validation accuracy %" in table and "**mean ± std**" in table and "**ensemble of 2**" in table
