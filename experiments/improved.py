@@ -74,16 +74,17 @@ def ensemble_mistakes(probs: np.ndarray, split: dict, path) -> dict:
 
 
 def plot(args, histories, result):
-    """Each seed's training loss, and its train (and test) accuracy, per epoch."""
-    fig, axes = figure(2, width=5.0)
+    """Each seed's training loss, its train accuracy, and (when measured) its held-out accuracy on its own scale, per epoch."""
+    fig, axes = figure(3, width=4.5)
     for seed, h in zip(args.seeds, histories):
         epochs = range(1, len(h["loss"]) + 1)
         axes[0].plot(epochs, h["loss"], "-", label=f"seed {seed}")
-        axes[1].plot(epochs, [100 * a for a in h["accuracy"]], "-", label=f"train (augmented), seed {seed}")
+        axes[1].plot(epochs, [100 * a for a in h["accuracy"]], "-", label=f"seed {seed}")
         if h["val_accuracy"]:
-            axes[1].plot(epochs, [100 * a for a in h["val_accuracy"]], "--", label=f"{result['split']}, seed {seed}")
+            axes[2].plot(epochs, [100 * a for a in h["val_accuracy"]], "-", label=f"seed {seed}")
     axes[0].set_ylabel("training loss (label-smoothed)")
-    axes[1].set_ylabel("accuracy (%)")
+    axes[1].set_ylabel("train accuracy, augmented (%)")
+    axes[2].set_ylabel(f"{result['split']} accuracy per model (%)")
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.4)
