@@ -266,11 +266,12 @@ def warp(images: jax.Array, shift: jax.Array, degrees: jax.Array, scale: jax.Arr
 
 # Test-time views (down, right, degrees, scale) whose predictions `predict_views` averages; the recipe's choice is made on
 # the validation split (experiments/README.md).
+_IDENTITY, _SHIFTS, _ROTATIONS = (0, 0, 0, 1), ((1, 0, 0, 1), (-1, 0, 0, 1), (0, 1, 0, 1), (0, -1, 0, 1)), ((0, 0, 6, 1), (0, 0, -6, 1))
 VIEWS = {
-    "none": ((0, 0, 0, 1),),
-    "shifts": ((0, 0, 0, 1), (1, 0, 0, 1), (-1, 0, 0, 1), (0, 1, 0, 1), (0, -1, 0, 1)),
-    "rotations": ((0, 0, 0, 1), (0, 0, 6, 1), (0, 0, -6, 1)),
-    "shifts+rotations": ((0, 0, 0, 1), (1, 0, 0, 1), (-1, 0, 0, 1), (0, 1, 0, 1), (0, -1, 0, 1), (0, 0, 6, 1), (0, 0, -6, 1)),
+    "none": (_IDENTITY,),
+    "shifts": (_IDENTITY, *_SHIFTS),
+    "rotations": (_IDENTITY, *_ROTATIONS),
+    "shifts+rotations": (_IDENTITY, *_SHIFTS, *_ROTATIONS),
 }
 
 
@@ -281,7 +282,7 @@ def predict_views(states, images: np.ndarray, views: Sequence[tuple[float, float
     n, total = len(images), 0.0
     for down, right, degrees, scale in views:
         view = images
-        if (down, right, degrees, scale) != (0, 0, 0, 1):
+        if (down, right, degrees, scale) != _IDENTITY:
             view = np.asarray(_warp_all(images, np.tile(np.float32([down, right]), (n, 1)), np.full(n, degrees, np.float32),
                                         np.full(n, scale, np.float32)))  # fmt: skip
         total = total + predict_many(states, view)

@@ -41,7 +41,7 @@ def main() -> None:
     probs = probs_by_views[recipe.views]
     options = {name: ensemble_summary(p, test["label"]) for name, p in probs_by_views.items()}
     times = recipe_times(histories, sequential)
-    result = {**ensemble_summary(probs, test["label"]), "views": options, "split": split, "recipe": dataclasses.asdict(recipe),
+    result = {**options[recipe.views], "views": options, "split": split, "recipe": dataclasses.asdict(recipe),
               "params": count_params(unstack(states.params, 0)),
               "seeds_one_after_another": sequential, **times, "compile_time_s": histories[0]["compile_time_s"], "histories": histories,
               **ensemble_mistakes(probs.mean(0), test, args.out / "wrong.png")}  # fmt: skip
