@@ -296,7 +296,7 @@ _warp_all = jax.jit(warp)
 class Recipe:
     """The improved recipe: common MNIST practice; its size (width, Dense, epochs) chosen on a held-out split, never the test set (experiments/README.md)."""
 
-    epochs: int = 40
+    epochs: int = 60
     batch_size: int = 128
     peak_learning_rate: float = 2e-3
     warmup_epochs: float = 1.0
