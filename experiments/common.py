@@ -30,7 +30,7 @@ from mnist_jax import Config, ModelConfig, load_split
 from mnist_jax.cli import add_config_flags
 from mnist_jax.config import DATASETS
 from mnist_jax.model import Conv, Flatten, Pool2x2
-from mnist_jax.runtime import cpu_model, enable_compilation_cache, reuse_freed_host_memory
+from mnist_jax.runtime import cpu_flags, cpu_model, enable_compilation_cache, reuse_freed_host_memory
 
 REPO = Path(__file__).resolve().parent.parent
 FASHION_MANUAL_DIR = Path("/usr/share/datasets/fashion-mnist")
@@ -212,7 +212,7 @@ class DeepCNN(nn.Module):
     """The improved recipe's network: [Conv3x3·w → Conv3x3·w → MaxPool] x2 (w, 2w) → Dropout → Dense → Dropout → Dense 10.
 
     `forms` is how each of the four convolutions trains (`mnist_jax.model.Conv.form`), in call order;
-    `LAYER_FORMS` holds the measured choice per backend. Every form computes the same function.
+    `recipe_forms` holds the measured choice per device. Every form computes the same function.
     """
 
     width: int = 32
@@ -358,9 +358,16 @@ def recipe_step_fn(label_smoothing: float, max_shift: float = 0.0, max_degrees: 
     return step
 
 
-# How DeepCNN's convolutions train when seeds train one after another, per backend (experiments/layer_forms.py,
-# experiments/README.md; on CPU with one step per call). Vmapped seeds keep the matmul form (a batched matmul under vmap).
-LAYER_FORMS = {"cpu": ("xla", "xla", "xla", "xla")}
+def recipe_forms(backend: str, flags: frozenset[str], sequential: bool) -> tuple[str, ...]:
+    """How DeepCNN's four convolutions train (`mnist_jax.model.Conv.form`): XLA's convolution on a CPU with
+    AVX-512 when seeds train one after another (one step per call there), the matmul form everywhere else
+    (vmapped, it is a batched matmul), each the faster on the CPUs measured (experiments/README.md)."""
+    return ("xla",) * 4 if sequential and backend == "cpu" and "avx512f" in flags else ("matmul",) * 4
+
+
+def device_forms(sequential: bool) -> tuple[str, ...]:
+    """`recipe_forms` for this process's default backend and CPU."""
+    return recipe_forms(jax.default_backend(), cpu_flags(), sequential)
 
 
 def seeds_one_after_another() -> bool:
@@ -369,13 +376,13 @@ def seeds_one_after_another() -> bool:
 
 
 def fit_recipe(recipe: Recipe, seeds: Sequence[int], train, test, dataset: str = "mnist", verbose: bool = True, sequential: bool | None = None,
-               tb_dir: Path | None = None):  # fmt: skip
+               tb_dir: Path | None = None, forms: tuple[str, ...] | None = None):  # fmt: skip
     """Train the improved recipe for each seed: (stacked states, histories). `sequential` None: `seeds_one_after_another()`;
-    `tb_dir`: each model's per-epoch scalars as TensorBoard event files while it trains (`fit_many`)."""
+    `tb_dir`: each model's per-epoch scalars as TensorBoard event files while it trains (`fit_many`); `forms` None: `device_forms`."""
     from mnist_jax.multi import fit_many
 
     sequential = seeds_one_after_another() if sequential is None else sequential
-    forms = LAYER_FORMS.get(jax.default_backend(), ("matmul",) * 4) if sequential else ("matmul",) * 4
+    forms = device_forms(sequential) if forms is None else forms
     steps = len(train["label"]) // recipe.batch_size
     # XLA:CPU's convolution inside lax.scan ran ~12x slower than dispatched one step per call (experiments/README.md)
     per_call = 1 if "xla" in forms and jax.default_backend() == "cpu" else 0

@@ -6,7 +6,7 @@ on the device (shift <= 2 px, rotation <= 10 deg, zoom <= 10 %), AdamW (weight d
 1 warmup epoch then cosine decay from 2e-3, label smoothing 0.1, batch 128, 60 epochs. The size
 (width, Dense, epochs) was chosen on a held-out split to fit 3 seeds in 2 h on a 2-core CPU.
 
-Seeds train one after another on CPU, each convolution in its faster form there (common.LAYER_FORMS), and
+Seeds train one after another on CPU, each convolution in the faster form on that CPU (common.recipe_forms), and
 vmapped on accelerators. `--holdout N` trains on the other training images and reports accuracy on the N
 held out: that is where recipe choices are made; the test split is then not read.
 """
@@ -15,7 +15,7 @@ import dataclasses
 
 import flax.serialization
 import numpy as np
-from common import (VIEWS, Recipe, Run, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, recipe_times,
+from common import (VIEWS, Recipe, Run, device_forms, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, recipe_times,
                     predict_views, seeds_one_after_another)
 from mnist_jax import analysis, count_params
 from mnist_jax.multi import unstack
@@ -43,7 +43,7 @@ def main() -> None:
     times = recipe_times(histories, sequential)
     result = {**options[recipe.views], "views": options, "split": split, "recipe": dataclasses.asdict(recipe),
               "params": count_params(unstack(states.params, 0)),
-              "seeds_one_after_another": sequential, **times, "compile_time_s": histories[0]["compile_time_s"], "histories": histories,
+              "seeds_one_after_another": sequential, "layer_forms": device_forms(sequential), **times, "compile_time_s": histories[0]["compile_time_s"], "histories": histories,
               **ensemble_mistakes(probs.mean(0), test, args.out / "wrong.png")}  # fmt: skip
     rows = [[seed, f"{100 * a:.2f}", w] for seed, a, w in zip(args.seeds, result["accuracy"], result["wrong"])]
     rows.append(["**mean ± std**", f"**{mean_std(result['accuracy'])}**", ""])

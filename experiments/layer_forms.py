@@ -5,17 +5,20 @@ For each convolution of `common.DeepCNN` (its input shape at batch 128) and each
 jitted forward + backward pass (the kernel's gradient, and the input's except for the first layer), vmapped
 over K models as `fit_many` trains them (K = 1: one model, as the improved recipe trains seeds on CPU). Then
 one whole training step of the network (augmentation, dropout, AdamW) with every layer in one form and with
-each layer in its faster form. Forms alternate within each of `--rounds` rounds, so machine drift falls on
-both; the medians are reported. `common.LAYER_FORMS` holds the choice made from this table per backend.
+each layer in its faster form. Then whole epochs as `fit_recipe` trains one seed with every layer in one form
+(`xla` one step per call, `matmul` in `lax.scan` chunks, as each runs there) on `--epoch-examples` random
+images: the second of 2 epochs. Forms alternate within each of `--rounds` rounds, so machine drift falls on
+both; the medians are reported. `common.recipe_forms` holds the choice made from these tables, per device.
 """
 
+import dataclasses
 import statistics
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import DeepCNN, Recipe, Run, layer_shapes, markdown_table, parse_args
+from common import DeepCNN, Recipe, Run, fit_recipe, layer_shapes, markdown_table, parse_args
 from mnist_jax.model import CONV_FORMS, Conv
 from mnist_jax.multi import create_train_states, vmap_step
 from mnist_jax import Config
@@ -44,8 +47,8 @@ def layer_pass(form: str, features: int, input_grad: bool):
 
 
 def main() -> None:
-    args = parse_args(__doc__, full=dict(width=Recipe.width, batch_size=Recipe.batch_size, models=1, repeats=20, rounds=3),
-                      quick=dict(repeats=5, rounds=2), seeds="1")  # fmt: skip
+    args = parse_args(__doc__, full=dict(width=Recipe.width, batch_size=Recipe.batch_size, models=1, repeats=20, rounds=3, epoch_examples=60000),
+                      quick=dict(repeats=5, rounds=2, epoch_examples=2560), seeds="1")  # fmt: skip
     run = Run(args)
     k, b, w = args.models, args.batch_size, args.width
     shapes = layer_shapes(DeepCNN(w, forms=("xla",) * 4))
@@ -85,15 +88,31 @@ def main() -> None:
             fn, states = steps[label]
             step_times[label].append(time_call(fn, states, batch, rngs, repeats=args.repeats))
 
+    epoch_times = whole_epochs(recipe, args.epoch_examples, args.rounds, rng)
+
     rows = [[f"`{name}` {inputs[name]} -> {w if name.startswith('conv1') else 2 * w}",
              *(f"{1000 * median[name][form]:.2f}" for form in CONV_FORMS), f"`{form}`"] for name, form in zip(inputs, best)]  # fmt: skip
     table = markdown_table(["layer (input -> features)", *(f"`{f}` ms" for f in CONV_FORMS), "faster"], rows)
     step_median = {label: statistics.median(t) for label, t in step_times.items()}
     rows = [[label, ", ".join(variants[label]), f"{1000 * step_median[label]:.1f}", f"{step_median[label] * 60000 / b:.0f}"] for label in variants]
     table += "\n\n" + markdown_table(["whole training step", "forms (conv1_1, conv1_2, conv2_1, conv2_2)", "ms/step", "s per 60,000 images"], rows)
+    rows = [[f"`{form}`", "1" if form == "xla" else "`lax.scan` chunks", f"{statistics.median(t):.1f}", ", ".join(f"{x:.1f}" for x in t)]
+            for form, t in epoch_times.items()]  # fmt: skip
+    table += "\n\n" + markdown_table([f"whole epoch, one seed, {args.epoch_examples:,} images", "steps per call", "s (median)", "s per round"], rows)
     device = f"{run.meta['machine']['device']} ({run.meta['machine']['jax_backend']})"
     table += f"\n\nDevice: {device}; width {w}, batch {b}, {k} model(s) vmapped; medians of {args.rounds} rounds x {args.repeats} calls."
-    run.finish({"device": device, "layer_times_s": layer_times, "fastest": best, "step_times_s": step_times}, table)
+    run.finish({"device": device, "layer_times_s": layer_times, "fastest": best, "step_times_s": step_times, "epoch_times_s": epoch_times}, table)
+
+
+def whole_epochs(recipe: Recipe, examples: int, rounds: int, rng: np.random.Generator) -> dict[str, list[float]]:
+    """Seconds of the second of 2 epochs of `fit_recipe` (one seed, one after another) per form and round, forms in turns."""
+    train = {"image": rng.random((examples, 28, 28, 1), dtype=np.float32), "label": rng.integers(0, 10, examples).astype(np.int32)}
+    times = {form: [] for form in CONV_FORMS}
+    for round_ in range(rounds):
+        for form in CONV_FORMS if round_ % 2 == 0 else CONV_FORMS[::-1]:
+            _, (history,) = fit_recipe(dataclasses.replace(recipe, epochs=2), [0], train, None, verbose=False, sequential=True, forms=(form,) * 4)
+            times[form].append(history["epoch_time_s"][1])
+    return times
 
 
 if __name__ == "__main__":

@@ -12,7 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
 
-from common import VIEWS, Recipe, augment, parse_seeds, predict_views, warp  # noqa: E402
+from common import VIEWS, Recipe, augment, device_forms, parse_seeds, predict_views, recipe_forms, warp  # noqa: E402
+
+from mnist_jax.runtime import cpu_flags  # noqa: E402
 
 
 @pytest.mark.slow  # a whole-process scenario: make test-slow
@@ -82,6 +84,16 @@ def test_predict_views_averages_each_models_probabilities_over_the_views():
     assert both.shape == (2, 5, 10)
 
 
+def test_recipe_forms_use_xla_convolutions_only_for_seeds_one_after_another_on_an_avx512_cpu():
+    assert recipe_forms("cpu", frozenset({"avx2", "avx512f"}), sequential=True) == ("xla",) * 4
+    assert recipe_forms("cpu", frozenset({"avx2", "fma"}), sequential=True) == ("matmul",) * 4
+    assert recipe_forms("cpu", frozenset({"avx512f"}), sequential=False) == ("matmul",) * 4  # vmapped: a batched matmul
+    assert recipe_forms("gpu", frozenset(), sequential=True) == ("matmul",) * 4
+    if Path("/proc/cpuinfo").exists():  # the flags are read from the CPU this runs on
+        assert "avx512f" in cpu_flags() or device_forms(sequential=True) == ("matmul",) * 4
+        assert cpu_flags() and all(" " not in flag for flag in cpu_flags())
+
+
 def test_seed_lists():
     assert parse_seeds("3") == [0, 1, 2] and parse_seeds("0,4,7") == [0, 4, 7] and parse_seeds("5,") == [5]
 
@@ -99,6 +111,7 @@ def test_improved_chooses_on_a_held_out_split_and_draws_the_ensembles_mistakes(t
     mistakes = run["ensemble_wrong_predictions"]
     assert mistakes["count"] == run["ensemble_wrong"] == len(mistakes["indices"]) and mistakes["total"] == 256
     assert abs(run["ensemble_accuracy"] - (1 - mistakes["count"] / 256)) < 1e-9
+    assert run["layer_forms"] == list(device_forms(run["seeds_one_after_another"]))
     if run["seeds_one_after_another"]:  # CPU: each seed's own training time, summed
         assert run["fit_time_s"] == pytest.approx(sum(h["fit_time_s"] for h in run["histories"]))
     assert (tmp_path / "wrong.png").read_bytes()[:4] == b"\x89PNG"
