@@ -117,7 +117,7 @@ def seed_configs(config: Config, seeds: Sequence[int]) -> list[Config]:
 def machine() -> dict[str, Any]:
     device = jax.devices()[0]
     return {
-        "cpu": cpu_model(), "cores": os.cpu_count(), "jax_backend": jax.default_backend(), "device": device.device_kind,
+        "cpu": cpu_model(), "avx512": "avx512f" in cpu_flags(), "cores": os.cpu_count(), "jax_backend": jax.default_backend(), "device": device.device_kind,
         "jax": jax.__version__, "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
     }  # fmt: skip
 
@@ -152,7 +152,8 @@ class Run:
     def finish(self, results: dict[str, Any], table: str, figure=None) -> None:
         wall = time.perf_counter() - self.start
         label = f"**{'QUICK' if self.args.quick else 'full'} size** ({self.args.sizes}, seeds {self.args.seeds}, {self.args.dataset}); "
-        label += f"{self.meta['machine']['cpu']}, {self.meta['machine']['cores']} cores, {self.meta['machine']['jax_backend']}; {wall:.0f} s"
+        cpu = self.meta["machine"]["cpu"] + (" (AVX-512)" if self.meta["machine"]["avx512"] else " (no AVX-512)")
+        label += f"{cpu}, {self.meta['machine']['cores']} cores, {self.meta['machine']['jax_backend']}; {wall:.0f} s"
         text = f"{table}\n\n{label}\n"
         (self.out / "results.json").write_text(json.dumps({**self.meta, "wall_time_s": wall, **results}, indent=2, default=_json) + "\n")
         (self.out / "table.md").write_text(text)
