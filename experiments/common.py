@@ -213,7 +213,7 @@ class DeepCNN(nn.Module):
     """The improved recipe's network: [Conv3x3·w → Conv3x3·w → MaxPool] x2 (w, 2w) → Dropout → Dense → Dropout → Dense 10.
 
     `forms` is how each of the four convolutions trains (`mnist_jax.model.Conv.form`), in call order;
-    `recipe_forms` holds the measured choice per device. Every form computes the same function.
+    `recipe_forms` gives the measured choice per device. Every form computes the same function.
     """
 
     width: int = 32
@@ -360,9 +360,9 @@ def recipe_step_fn(label_smoothing: float, max_shift: float = 0.0, max_degrees: 
 
 
 def recipe_forms(backend: str, flags: frozenset[str], sequential: bool) -> tuple[str, ...]:
-    """How DeepCNN's four convolutions train (`mnist_jax.model.Conv.form`): XLA's convolution on a CPU with
-    AVX-512 when seeds train one after another (one step per call there), the matmul form everywhere else
-    (vmapped, it is a batched matmul), each the faster on the CPUs measured (experiments/README.md)."""
+    """How DeepCNN's four convolutions train (`mnist_jax.model.Conv.form`) for a backend, the CPU's flags and
+    whether seeds train one after another: XLA's convolution on a CPU with AVX-512 when one after another, the
+    matmul form otherwise (the faster on each CPU measured: experiments/README.md)."""
     return ("xla",) * 4 if sequential and backend == "cpu" and "avx512f" in flags else ("matmul",) * 4
 
 
@@ -371,22 +371,29 @@ def device_forms(sequential: bool) -> tuple[str, ...]:
     return recipe_forms(jax.default_backend(), cpu_flags(), sequential)
 
 
+def recipe_steps_per_call(forms: Sequence[str], backend: str) -> int:
+    """`Config.steps_per_call` for `forms` on `backend`: 1 when XLA's convolution trains on CPU (inside `lax.scan`
+    it is many times slower there: experiments/README.md), else 0 (auto: `lax.scan` chunks)."""
+    return 1 if "xla" in forms and backend == "cpu" else 0
+
+
 def seeds_one_after_another() -> bool:
     """On CPU seeds train one after another (vmapping gains nothing there); on accelerators, vmapped."""
     return jax.default_backend() == "cpu"
 
 
-def fit_recipe(recipe: Recipe, seeds: Sequence[int], train, test, dataset: str = "mnist", verbose: bool = True, sequential: bool | None = None,
-               tb_dir: Path | None = None, forms: tuple[str, ...] | None = None):  # fmt: skip
+def fit_recipe(recipe: Recipe, seeds: Sequence[int], train: dict[str, np.ndarray], test: dict[str, np.ndarray] | None, dataset: str = "mnist",
+               verbose: bool = True, sequential: bool | None = None, tb_dir: Path | None = None, forms: Sequence[str] | None = None,
+               ) -> tuple[Any, list[dict[str, Any]]]:  # fmt: skip
     """Train the improved recipe for each seed: (stacked states, histories). `sequential` None: `seeds_one_after_another()`;
-    `tb_dir`: each model's per-epoch scalars as TensorBoard event files while it trains (`fit_many`); `forms` None: `device_forms`."""
+    `tb_dir`: each model's per-epoch scalars as TensorBoard event files while it trains (`fit_many`); `forms` (the four
+    convolutions' `Conv.form`) None: `device_forms`, steps per call from `recipe_steps_per_call`."""
     from mnist_jax.multi import fit_many
 
     sequential = seeds_one_after_another() if sequential is None else sequential
-    forms = device_forms(sequential) if forms is None else forms
+    forms = tuple(device_forms(sequential) if forms is None else forms)
     steps = len(train["label"]) // recipe.batch_size
-    # XLA:CPU's convolution inside lax.scan ran ~12x slower than dispatched one step per call (experiments/README.md)
-    per_call = 1 if "xla" in forms and jax.default_backend() == "cpu" else 0
+    per_call = recipe_steps_per_call(forms, jax.default_backend())
     configs = [dataclasses.replace(recipe.config(s, dataset), steps_per_call=per_call) for s in seeds]
     return fit_many(configs, train, test, model=recipe.model(forms), optimizer=recipe.optimizer(steps), step_fn=recipe.step_fn(),
                     sequential=sequential, verbose=verbose, tb_dir=tb_dir)  # fmt: skip

@@ -6,9 +6,9 @@ jitted forward + backward pass (the kernel's gradient, and the input's except fo
 over K models as `fit_many` trains them (K = 1: one model, as the improved recipe trains seeds on CPU). Then
 one whole training step of the network (augmentation, dropout, AdamW) with every layer in one form and with
 each layer in its faster form. Then whole epochs as `fit_recipe` trains one seed with every layer in one form
-(`xla` one step per call, `matmul` in `lax.scan` chunks, as each runs there) on `--epoch-examples` random
-images: the second of 2 epochs. Forms alternate within each of `--rounds` rounds, so machine drift falls on
-both; the medians are reported. `common.recipe_forms` holds the choice made from these tables, per device.
+(steps per call from `common.recipe_steps_per_call`: on CPU, `xla` one per call, `matmul` in `lax.scan` chunks)
+on `--epoch-examples` random images: the second of 2 epochs. Forms alternate within each of `--rounds` rounds, so machine drift falls on
+both; the medians are reported. `common.recipe_forms` gives the choice made from these tables, per device.
 """
 
 import dataclasses
@@ -18,7 +18,7 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from common import DeepCNN, Recipe, Run, fit_recipe, layer_shapes, markdown_table, parse_args
+from common import DeepCNN, Recipe, Run, fit_recipe, layer_shapes, markdown_table, parse_args, recipe_steps_per_call
 from mnist_jax.model import CONV_FORMS, Conv
 from mnist_jax.multi import create_train_states, vmap_step
 from mnist_jax import Config
@@ -96,7 +96,8 @@ def main() -> None:
     step_median = {label: statistics.median(t) for label, t in step_times.items()}
     rows = [[label, ", ".join(variants[label]), f"{1000 * step_median[label]:.1f}", f"{step_median[label] * 60000 / b:.0f}"] for label in variants]
     table += "\n\n" + markdown_table(["whole training step", "forms (conv1_1, conv1_2, conv2_1, conv2_2)", "ms/step", "s per 60,000 images"], rows)
-    rows = [[f"`{form}`", "1" if form == "xla" else "`lax.scan` chunks", f"{statistics.median(t):.1f}", ", ".join(f"{x:.1f}" for x in t)]
+    per_call = {form: recipe_steps_per_call((form,) * 4, jax.default_backend()) for form in epoch_times}
+    rows = [[f"`{form}`", per_call[form] or "auto (`lax.scan` chunks)", f"{statistics.median(t):.1f}", ", ".join(f"{x:.1f}" for x in t)]
             for form, t in epoch_times.items()]  # fmt: skip
     table += "\n\n" + markdown_table([f"whole epoch, one seed, {args.epoch_examples:,} images", "steps per call", "s (median)", "s per round"], rows)
     device = f"{run.meta['machine']['device']} ({run.meta['machine']['jax_backend']})"

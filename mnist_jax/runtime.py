@@ -1,4 +1,4 @@
-"""Process-wide settings, for entry points only (the CLI, the bench, the experiments), and the machine's CPU name.
+"""Process-wide settings, for entry points only (the CLI, the bench, the experiments), and the machine's CPU name and flags.
 
 Nothing in the library calls these: importing or calling `fit` changes no setting of the process.
 A research script that wants them calls them first, as `python -m mnist_jax train` does.

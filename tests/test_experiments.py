@@ -1,6 +1,7 @@
 """The experiment scripts: one runs end to end and writes its three outputs; the on-device augmentation is exact."""
 
 import json
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
 
-from common import VIEWS, Recipe, augment, device_forms, parse_seeds, predict_views, recipe_forms, warp  # noqa: E402
+from common import VIEWS, Recipe, augment, device_forms, parse_seeds, predict_views, recipe_forms, recipe_steps_per_call, warp  # noqa: E402
 
 from mnist_jax.runtime import cpu_flags  # noqa: E402
 
@@ -89,9 +90,17 @@ def test_recipe_forms_use_xla_convolutions_only_for_seeds_one_after_another_on_a
     assert recipe_forms("cpu", frozenset({"avx2", "fma"}), sequential=True) == ("matmul",) * 4
     assert recipe_forms("cpu", frozenset({"avx512f"}), sequential=False) == ("matmul",) * 4  # vmapped: a batched matmul
     assert recipe_forms("gpu", frozenset(), sequential=True) == ("matmul",) * 4
-    if Path("/proc/cpuinfo").exists():  # the flags are read from the CPU this runs on
-        assert "avx512f" in cpu_flags() or device_forms(sequential=True) == ("matmul",) * 4
-        assert cpu_flags() and all(" " not in flag for flag in cpu_flags())
+    for sequential in (True, False):  # this process: its backend and the flags of the CPU it runs on
+        assert device_forms(sequential) == recipe_forms(jax.default_backend(), cpu_flags(), sequential)
+    if platform.machine() == "x86_64" and Path("/proc/cpuinfo").exists():
+        assert "sse2" in cpu_flags()
+
+
+def test_xla_convolutions_train_one_step_per_call_on_cpu_and_matmul_ones_in_scanned_chunks():
+    assert recipe_steps_per_call(("xla",) * 4, "cpu") == 1  # XLA:CPU's convolution is slow inside lax.scan
+    assert recipe_steps_per_call(("matmul", "xla", "matmul", "matmul"), "cpu") == 1
+    assert recipe_steps_per_call(("matmul",) * 4, "cpu") == 0  # auto: lax.scan chunks
+    assert recipe_steps_per_call(("xla",) * 4, "gpu") == 0
 
 
 def test_seed_lists():
@@ -105,13 +114,16 @@ def test_improved_chooses_on_a_held_out_split_and_draws_the_ensembles_mistakes(t
            "--manual-dir", mnist_dirs["manual_dir"]]  # fmt: skip
     result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-2000:]
-    (run,) = json.loads((tmp_path / "results.json").read_text())["runs"]
+    run_meta = json.loads((tmp_path / "results.json").read_text())
+    (run,) = run_meta["runs"]
     assert run["split"] == "validation" and run["test_examples"] == 256  # the held-out images, not the test split
     assert [len(h["val_accuracy"]) for h in run["histories"]] == [1, 1]
     mistakes = run["ensemble_wrong_predictions"]
     assert mistakes["count"] == run["ensemble_wrong"] == len(mistakes["indices"]) and mistakes["total"] == 256
     assert abs(run["ensemble_accuracy"] - (1 - mistakes["count"] / 256)) < 1e-9
-    assert run["layer_forms"] == list(device_forms(run["seeds_one_after_another"]))
+    assert run["layer_forms"] == list(device_forms(run["seeds_one_after_another"]))  # the forms it trained
+    assert run_meta["machine"]["avx512"] == ("avx512f" in cpu_flags())
+    assert ("(AVX-512)" if run_meta["machine"]["avx512"] else "(no AVX-512)") in (tmp_path / "table.md").read_text()
     if run["seeds_one_after_another"]:  # CPU: each seed's own training time, summed
         assert run["fit_time_s"] == pytest.approx(sum(h["fit_time_s"] for h in run["histories"]))
     assert (tmp_path / "wrong.png").read_bytes()[:4] == b"\x89PNG"
