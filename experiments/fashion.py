@@ -2,7 +2,7 @@
 
 import dataclasses
 
-from common import (Recipe, Run, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, recipe_times, run_group,
+from common import (Recipe, Run, device_forms, ensemble_summary, figure, fit_recipe, load, markdown_table, mean_std, parse_args, recipe_times, run_group,
                     seed_configs, seeds_one_after_another)
 from mnist_jax import Config
 from mnist_jax.multi import predict_many
@@ -19,9 +19,10 @@ def main() -> None:
     recipe = dataclasses.replace(Recipe(), epochs=args.improved_epochs, width=args.width, dense_features=args.dense_features)
     print("-- improved recipe", flush=True)
     sequential = seeds_one_after_another()
-    states, histories = fit_recipe(recipe, args.seeds, train, None, args.dataset, sequential=sequential)
+    forms = device_forms(sequential)
+    states, histories = fit_recipe(recipe, args.seeds, train, None, args.dataset, sequential=sequential, forms=forms)
     improved = {**ensemble_summary(predict_many(states, test["image"]), test["label"]), "label": "improved recipe",
-                "recipe": dataclasses.asdict(recipe), "histories": histories, **recipe_times(histories, sequential)}  # fmt: skip
+                "recipe": dataclasses.asdict(recipe), "layer_forms": forms, "histories": histories, **recipe_times(histories, sequential)}  # fmt: skip
     rows = []
     for r, epochs in ((seed, args.seed_epochs), (improved, args.improved_epochs)):
         rows.append([r["label"], epochs, mean_std(r["accuracy"]), f"{100 * r['ensemble_accuracy']:.2f}", r["ensemble_wrong"],
