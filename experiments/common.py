@@ -117,7 +117,7 @@ def seed_configs(config: Config, seeds: Sequence[int]) -> list[Config]:
 def machine() -> dict[str, Any]:
     device = jax.devices()[0]
     return {
-        "cpu": cpu_model(), "avx512": "avx512f" in cpu_flags(), "cores": os.cpu_count(), "jax_backend": jax.default_backend(), "device": device.device_kind,
+        "cpu": cpu_model(), "avx512": has_avx512(cpu_flags()), "cores": os.cpu_count(), "jax_backend": jax.default_backend(), "device": device.device_kind,
         "jax": jax.__version__, "python": platform.python_version(), "load_average_at_start": os.getloadavg(),
     }  # fmt: skip
 
@@ -152,7 +152,7 @@ class Run:
     def finish(self, results: dict[str, Any], table: str, figure=None) -> None:
         wall = time.perf_counter() - self.start
         label = f"**{'QUICK' if self.args.quick else 'full'} size** ({self.args.sizes}, seeds {self.args.seeds}, {self.args.dataset}); "
-        cpu = self.meta["machine"]["cpu"] + (" (AVX-512)" if self.meta["machine"]["avx512"] else " (no AVX-512)")
+        cpu = self.meta["machine"]["cpu"] + {True: " (AVX-512)", False: " (no AVX-512)", None: ""}[self.meta["machine"]["avx512"]]
         label += f"{cpu}, {self.meta['machine']['cores']} cores, {self.meta['machine']['jax_backend']}; {wall:.0f} s"
         text = f"{table}\n\n{label}\n"
         (self.out / "results.json").write_text(json.dumps({**self.meta, "wall_time_s": wall, **results}, indent=2, default=_json) + "\n")
@@ -362,8 +362,13 @@ def recipe_step_fn(label_smoothing: float, max_shift: float = 0.0, max_degrees: 
 def recipe_forms(backend: str, flags: frozenset[str], sequential: bool) -> tuple[str, ...]:
     """How DeepCNN's four convolutions train (`mnist_jax.model.Conv.form`) for a backend, the CPU's flags and
     whether seeds train one after another: XLA's convolution on a CPU with AVX-512 when one after another, the
-    matmul form otherwise (the faster on each CPU measured: experiments/README.md)."""
-    return ("xla",) * 4 if sequential and backend == "cpu" and "avx512f" in flags else ("matmul",) * 4
+    matmul form otherwise (the faster on each CPU measured: docs/performance.md)."""
+    return ("xla",) * 4 if sequential and backend == "cpu" and has_avx512(flags) else ("matmul",) * 4
+
+
+def has_avx512(flags: frozenset[str]) -> bool | None:
+    """Whether CPU `flags` (`mnist_jax.runtime.cpu_flags`) include AVX-512 Foundation; None when the flags are unknown (empty)."""
+    return "avx512f" in flags if flags else None
 
 
 def device_forms(sequential: bool) -> tuple[str, ...]:
@@ -373,7 +378,7 @@ def device_forms(sequential: bool) -> tuple[str, ...]:
 
 def recipe_steps_per_call(forms: Sequence[str], backend: str) -> int:
     """`Config.steps_per_call` for `forms` on `backend`: 1 when XLA's convolution trains on CPU (inside `lax.scan`
-    it is many times slower there: experiments/README.md), else 0 (auto: `lax.scan` chunks)."""
+    it is many times slower there: docs/performance.md), else 0 (auto: `lax.scan` chunks)."""
     return 1 if "xla" in forms and backend == "cpu" else 0
 
 

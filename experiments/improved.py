@@ -6,7 +6,7 @@ on the device (shift <= 2 px, rotation <= 10 deg, zoom <= 10 %), AdamW (weight d
 1 warmup epoch then cosine decay from 2e-3, label smoothing 0.1, batch 128, 60 epochs. The size
 (width, Dense, epochs) was chosen on a held-out split, within a 2-hour budget for 3 seeds on a 2-core CPU.
 
-Seeds train one after another on CPU, each convolution in the faster form on that CPU (common.recipe_forms), and
+Seeds train one after another on CPU, each convolution in the form chosen for that CPU (common.recipe_forms), and
 vmapped on accelerators. `--holdout N` trains on the other training images and reports accuracy on the N
 held out: that is where recipe choices are made; the test split is then not read.
 """

@@ -87,23 +87,23 @@ def stop_on_signals() -> Iterator[StopRequest]:
             signal.signal(sig, old)
 
 
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo where there is one)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+def cpu_model(cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The CPU's model name (from /proc/cpuinfo where there is one, else the platform's name for it)."""
+    return cpuinfo_field("model name", cpuinfo) or platform.processor() or platform.machine()
 
 
-def cpu_flags() -> frozenset[str]:
-    """The CPU's instruction-set flags (from /proc/cpuinfo where there is one; empty elsewhere)."""
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The CPU's instruction-set flags (from /proc/cpuinfo where there is one; empty where unknown)."""
+    return frozenset(cpuinfo_field("flags", cpuinfo).split())
+
+
+def cpuinfo_field(name: str, cpuinfo: Path = Path("/proc/cpuinfo")) -> str:
+    """The value of the first `name : value` line of a /proc/cpuinfo file; "" when it has none or cannot be read."""
     try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return frozenset(line.split(":", 1)[1].split())
+        for line in cpuinfo.read_text().splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == name:
+                return value.strip()
     except OSError:
         pass
-    return frozenset()
+    return ""

@@ -13,9 +13,11 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "experiments"))
 
-from common import VIEWS, Recipe, augment, device_forms, parse_seeds, predict_views, recipe_forms, recipe_steps_per_call, warp  # noqa: E402
+import common  # noqa: E402
+from common import (VIEWS, Recipe, augment, device_forms, has_avx512, parse_seeds, predict_views, recipe_forms, recipe_steps_per_call,  # noqa: E402
+                    warp)
 
-from mnist_jax.runtime import cpu_flags  # noqa: E402
+from mnist_jax.runtime import cpu_flags, cpu_model  # noqa: E402
 
 
 @pytest.mark.slow  # a whole-process scenario: make test-slow
@@ -88,11 +90,28 @@ def test_predict_views_averages_each_models_probabilities_over_the_views():
 def test_recipe_forms_use_xla_convolutions_only_for_seeds_one_after_another_on_an_avx512_cpu():
     assert recipe_forms("cpu", frozenset({"avx2", "avx512f"}), sequential=True) == ("xla",) * 4
     assert recipe_forms("cpu", frozenset({"avx2", "fma"}), sequential=True) == ("matmul",) * 4
+    assert recipe_forms("cpu", frozenset(), sequential=True) == ("matmul",) * 4  # flags unknown
     assert recipe_forms("cpu", frozenset({"avx512f"}), sequential=False) == ("matmul",) * 4  # vmapped: a batched matmul
-    assert recipe_forms("gpu", frozenset(), sequential=True) == ("matmul",) * 4
-    for sequential in (True, False):  # this process: its backend and the flags of the CPU it runs on
-        assert device_forms(sequential) == recipe_forms(jax.default_backend(), cpu_flags(), sequential)
-    if platform.machine() == "x86_64" and Path("/proc/cpuinfo").exists():
+    assert recipe_forms("gpu", frozenset({"avx512f"}), sequential=True) == ("matmul",) * 4
+    assert has_avx512(frozenset({"avx512f", "sse2"})) is True and has_avx512(frozenset({"sse2"})) is False and has_avx512(frozenset()) is None
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the CPU's flags choose the forms only on the CPU backend")
+def test_device_forms_follow_the_cpus_flags(monkeypatch):
+    monkeypatch.setattr(common, "cpu_flags", lambda: frozenset({"sse2", "avx512f"}))
+    assert device_forms(True) == ("xla",) * 4 and device_forms(False) == ("matmul",) * 4
+    monkeypatch.setattr(common, "cpu_flags", lambda: frozenset({"sse2", "avx2"}))
+    assert device_forms(True) == ("matmul",) * 4
+
+
+def test_cpu_name_and_flags_read_from_a_cpuinfo_file(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: AMD EPYC 9R14\nflags\t\t: fpu sse2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu\n")
+    assert cpu_model(info) == "AMD EPYC 9R14" and cpu_flags(info) == frozenset({"fpu", "sse2", "avx512f"})  # the first CPU's
+    info.write_text("processor\t: 0\nFeatures\t: fp asimd\n")  # no such lines (an ARM cpuinfo)
+    assert cpu_flags(info) == frozenset() and cpu_model(info) == (platform.processor() or platform.machine())
+    assert cpu_flags(tmp_path / "missing") == frozenset()
+    if platform.machine() == "x86_64" and Path("/proc/cpuinfo").exists():  # this machine's own
         assert "sse2" in cpu_flags()
 
 
@@ -122,8 +141,8 @@ def test_improved_chooses_on_a_held_out_split_and_draws_the_ensembles_mistakes(t
     assert mistakes["count"] == run["ensemble_wrong"] == len(mistakes["indices"]) and mistakes["total"] == 256
     assert abs(run["ensemble_accuracy"] - (1 - mistakes["count"] / 256)) < 1e-9
     assert run["layer_forms"] == list(device_forms(run["seeds_one_after_another"]))  # the forms it trained
-    assert run_meta["machine"]["avx512"] == ("avx512f" in cpu_flags())
-    assert ("(AVX-512)" if run_meta["machine"]["avx512"] else "(no AVX-512)") in (tmp_path / "table.md").read_text()
+    label = {True: "(AVX-512)", False: "(no AVX-512)", None: ""}[run_meta["machine"]["avx512"]]
+    assert f"{run_meta['machine']['cpu']} {label}".strip() + "," in (tmp_path / "table.md").read_text()
     if run["seeds_one_after_another"]:  # CPU: each seed's own training time, summed
         assert run["fit_time_s"] == pytest.approx(sum(h["fit_time_s"] for h in run["histories"]))
     assert (tmp_path / "wrong.png").read_bytes()[:4] == b"\x89PNG"
