@@ -141,6 +141,7 @@ def test_improved_chooses_on_a_held_out_split_and_draws_the_ensembles_mistakes(t
     assert mistakes["count"] == run["ensemble_wrong"] == len(mistakes["indices"]) and mistakes["total"] == 256
     assert abs(run["ensemble_accuracy"] - (1 - mistakes["count"] / 256)) < 1e-9
     assert run["layer_forms"] == list(device_forms(run["seeds_one_after_another"]))  # the forms it trained
+    assert run_meta["machine"]["avx512"] == has_avx512(cpu_flags())
     label = {True: "(AVX-512)", False: "(no AVX-512)", None: ""}[run_meta["machine"]["avx512"]]
     assert f"{run_meta['machine']['cpu']} {label}".strip() + "," in (tmp_path / "table.md").read_text()
     if run["seeds_one_after_another"]:  # CPU: each seed's own training time, summed
